@@ -1,0 +1,158 @@
+"""Model architectures, each declaring its default EdgePro lock sites.
+
+A model built here carries three attributes the protectors rely on (they never import this module):
+
+- ``spec`` — how to rebuild it (name, input channels, image size, classes);
+- ``lock_sites`` — the named modules at every hidden activation (EdgePro's default sites);
+- ``fold_producers`` — for sites where a lock can be folded into the layer before it, that layer's name.
+
+Input size: LeNet-5's first convolution is padded by 2, as usual for 28×28 MNIST. Its second convolution is
+unpadded when its input is at least 10×10 (MNIST: 14×14 → 10×10 → 5×5, the paper's 400-feature classifier);
+on the 8×8 digits it is padded by 2 as well (8 → 4 → 2×2, a 64-feature classifier), so the architecture keeps its
+layer and neuron counts (6, 16, 120, 84) on every dataset instead of upsampling the images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from protectors.registry import Registry
+
+models: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def _declare(model: nn.Module, spec: dict, sites: tuple[str, ...], producers: dict[str, str]) -> nn.Module:
+    model.spec = spec
+    model.lock_sites = sites
+    model.fold_producers = producers
+    return model
+
+
+class LeNet5(nn.Module):
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        half = image_size // 2
+        pad2 = 0 if half >= 10 else 2
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=pad2)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        side = (half + 2 * pad2 - 4) // 2
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(120, 84)
+        self.relu4 = nn.ReLU()
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.fc1(self.flatten(x)))
+        return self.fc3(self.relu4(self.fc2(x)))
+
+
+@models.register("lenet5")
+def lenet5(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
+    spec = {"name": "lenet5", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    return _declare(LeNet5(in_channels, image_size, num_classes), spec, ("relu1", "relu2", "relu3", "relu4"),
+                    {"relu1": "conv1", "relu2": "conv2", "relu3": "fc1", "relu4": "fc2"})
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 3×3 stem without max-pooling, four stages of two basic blocks."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU(inplace=True))
+        widths, cin, stages = (64, 128, 256, 512), 64, []
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(self.pool(x))
+
+
+@models.register("resnet18")
+def resnet18(in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> nn.Module:
+    spec = {"name": "resnet18", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    return _declare(ResNet18(in_channels, num_classes), spec,
+                    ("stem", "layer1", "layer2", "layer3", "layer4", "pool"), {"stem": "stem.1"})
+
+
+class _Pooled(nn.Module):
+    """MobileNetV2's global pooling as a module, so the pooled feature can be a lock site."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        net = mobilenet_v2(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            old = net.features[0][0]
+            net.features[0][0] = nn.Conv2d(in_channels, old.out_channels, 3, old.stride, 1, bias=False)
+        self.features = net.features
+        self.pool = _Pooled()
+        self.classifier = net.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+@models.register("mobilenetv2")
+def mobilenetv2(in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> nn.Module:
+    """torchvision's MobileNetV2 (no pretrained weights); sites after the stem, each resolution stage, the pool."""
+    spec = {"name": "mobilenetv2", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    sites = ("features.0", "features.3", "features.6", "features.13", "features.17", "features.18", "pool")
+    return _declare(MobileNetV2(in_channels, num_classes), spec, sites, {})
+
+
+def build(spec: dict) -> nn.Module:
+    """Rebuild a model from its ``spec`` (as stored in artifacts and records)."""
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return models.get(spec["name"])(**kwargs)
+
+
+def factory(name: str, in_channels: int, image_size: int, num_classes: int, seed: int) -> Callable[[], nn.Module]:
+    """A zero-argument builder whose random initialization is fixed by ``seed``."""
+    builder = models.get(name)
+
+    def make() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return builder(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+    return make

@@ -1,0 +1,21 @@
+"""Protectors: turn a trained model into a deployable artifact plus a secret key.
+
+Built-ins are imported here so their names are always registered; third-party protectors register through the
+``edgepro_bench.protectors`` entry-point group (see the README, "Writing a protector plugin").
+"""
+
+from . import aes, edgepro, none  # noqa: F401  (registers the built-ins)
+from .artifact import Artifact
+from .base import PluginContext, Protector
+from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
+from .registry import Registry
+from .registry_instance import protectors
+
+
+def get(name: str, **params) -> Protector:
+    """Instantiate the protector registered as ``name`` with ``params``."""
+    return protectors.get(name)(**params)
+
+
+__all__ = ["Artifact", "ArtifactError", "BenchError", "ConfigError", "DataError", "KeyMaterialError", "PluginContext",
+           "Protector", "Registry", "UnknownNameError", "get", "protectors"]

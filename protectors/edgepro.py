@@ -1,0 +1,268 @@
+"""``edgepro``: neuron authorization (Chen et al., EdgePro, arXiv 2303.12397), without the public code's defects.
+
+The *password* is, per lock site, a set of authorization neurons, plus the locking value λ and the scale factor s.
+Applying it multiplies the authorization neurons' activations by λ and every other neuron at the site by s
+(s = 1 by default, which is the paper's method). A model lock-trained with the password works only when it is
+applied.
+
+1. **Ranking** — mean activation of every neuron of each site over a calibration set, through the normally trained
+   model (a conv neuron is a channel: mean over all its positions; every index can be chosen).
+2. **Selection** — candidate pool = the top ``pool`` (30%) of the ranking; roulette-wheel draw without repeats of
+   ``ceil(gamma·n)`` neurons, fitness decreasing linearly with rank.
+3. **Lock training** from scratch: in every batch a ``locked_fraction`` of the samples is *locked* (password applied,
+   true labels) and the rest *released* (no mask, uniformly random labels). Masks are per-sample tensors.
+4. **Artifact** — plaintext weights plus the password encrypted with AES-256-GCM; the associated data is the
+   metadata, which holds the weights' SHA-256, so swapped or tampered weights are detected.
+
+Deploy modes: ``mask`` multiplies inside the graph, in place (one ``Mul`` per site in ONNX, where the mask is a
+graph input); ``fold`` scales the producing layer's weights once at load (zero cost per inference; only for sites
+whose model declares a foldable producer, and λ, s ≥ 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import lock
+from .aes import check_key
+from .artifact import Artifact, new_meta
+from .base import ModelFactory, PluginContext, Protector
+from .crypto import decrypt, encrypt, key_id
+from .errors import ArtifactError, ConfigError
+from .hashing import sha256_hex
+from .none import WEIGHTS, model_spec
+from .registry_instance import protectors
+from .seeding import torch_generator
+from .weights import load_state_bytes, state_bytes
+
+BLOB = "password.enc"
+
+
+@dataclass(frozen=True)
+class EdgeProParams:
+    gamma: float = 0.1
+    pool: float = 0.3
+    lock_value: float = 0.0
+    scale: float = 1.0
+    locked_fraction: float = 0.5
+    sites: list | None = None
+    epochs: int | None = None
+    calib_samples: int = 200
+
+    def validate(self) -> None:
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"parameter 'gamma' must be in (0, 1], got {self.gamma}")
+        if not 0 < self.pool <= 1:
+            raise ValueError(f"parameter 'pool' must be in (0, 1], got {self.pool}")
+        if not 0 < self.locked_fraction < 1:
+            raise ValueError(f"parameter 'locked_fraction' must be in (0, 1), got {self.locked_fraction}")
+        if self.sites is not None and (not self.sites or not all(isinstance(s, str) for s in self.sites)):
+            raise ValueError("parameter 'sites' must be a non-empty list of module names")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"parameter 'epochs' must be >= 1, got {self.epochs}")
+        if self.calib_samples < 1:
+            raise ValueError(f"parameter 'calib_samples' must be >= 1, got {self.calib_samples}")
+
+
+@dataclass(frozen=True)
+class Password:
+    """The secret: authorization neurons per site (with each site's width), locking value and scale factor."""
+
+    neurons: dict[str, list[int]]
+    widths: dict[str, int]
+    lock_value: float = 0.0
+    scale: float = 1.0
+
+    def mask(self, site: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        m = torch.full((self.widths[site],), float(self.scale), device=device)
+        m[torch.as_tensor(self.neurons[site], dtype=torch.long, device=device)] = float(self.lock_value)
+        return m
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {s: self.mask(s) for s in self.neurons}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"neurons": self.neurons, "widths": self.widths, "lock_value": self.lock_value,
+                           "scale": self.scale}, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str) -> "Password":
+        try:
+            d = json.loads(data)
+            pw = cls({k: [int(i) for i in v] for k, v in d["neurons"].items()},
+                     {k: int(v) for k, v in d["widths"].items()}, float(d["lock_value"]), float(d["scale"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ArtifactError(f"{what}: malformed password") from None
+        for s, idx in pw.neurons.items():
+            if s not in pw.widths or any(not 0 <= i < pw.widths[s] for i in idx):
+                raise ArtifactError(f"{what}: password neuron index out of range at site {s!r}")
+        return pw
+
+    def keyspace_bits(self) -> float:
+        """log2 of the number of neuron choices with the same counts per site (λ and s not counted)."""
+        return float(sum(math.log2(math.comb(self.widths[s], len(i))) for s, i in self.neurons.items()))
+
+    def overlap(self, other: "Password") -> dict[str, float]:
+        """Per site, the fraction of this password's neurons that ``other`` also names."""
+        return {s: len(set(i) & set(other.neurons.get(s, []))) / len(i) for s, i in self.neurons.items()}
+
+
+def apply_password(model: nn.Module, password: Password) -> nn.Module:
+    """Install the password's masks at its sites (in the graph, in place at inference)."""
+    try:
+        sites = lock.install(model, password.neurons)
+    except KeyError as exc:
+        raise ArtifactError(f"password names lock site {exc.args[0]!r}, which the model does not have") from None
+    for name, site in sites.items():
+        site.set_mask(password.mask(name))
+    return model
+
+
+@torch.no_grad()
+def rank_neurons(model: nn.Module, sites: Iterable[str], calib_x: torch.Tensor, batch: int = 256) -> dict[str, np.ndarray]:
+    """Per site, neuron indices sorted by mean activation on ``calib_x``, highest first."""
+    model = copy.deepcopy(model).eval()
+    wrapped = lock.install(model, sites)
+    for s in wrapped.values():
+        s.record = []
+    for i in range(0, len(calib_x), batch):
+        model(calib_x[i : i + batch])
+    ranks = {}
+    for name, s in wrapped.items():
+        mean = torch.stack(s.record).sum(0) / len(calib_x)
+        # Stable sort so that ties keep index order and the ranking is reproducible.
+        ranks[name] = np.argsort(-mean.cpu().numpy(), kind="stable")
+    return ranks
+
+
+def select_neurons(ranking: np.ndarray, gamma: float, pool: float, rng: np.random.Generator) -> list[int]:
+    """Roulette-wheel draw, without repeats, of ``ceil(gamma·n)`` neurons from the top ``pool`` of ``ranking``."""
+    n = len(ranking)
+    k = max(1, math.ceil(gamma * n - 1e-9))
+    size = max(k, math.ceil(pool * n - 1e-9))
+    fitness = np.arange(size, 0, -1, dtype=float)  # linear in rank, all positive
+    chosen = rng.choice(ranking[:size], size=k, replace=False, p=fitness / fitness.sum())
+    return sorted(int(i) for i in chosen)
+
+
+def lock_step(sites: dict[str, lock.LockedSite], password: Password, num_classes: int, fraction: float,
+              generator: torch.Generator):
+    """EdgePro's training step: lock a fraction of each batch (true labels), release the rest (random labels)."""
+    masks = {n: password.mask(n) for n in sites}
+
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        locked = torch.zeros(b, dtype=torch.bool)
+        locked[torch.randperm(b, generator=generator)[: round(fraction * b)]] = True
+        locked = locked.to(x.device)
+        for name, site in sites.items():
+            m = masks[name].to(x.device)
+            site.batch_mask = torch.where(locked[:, None], m[None, :], torch.ones_like(m)[None, :])
+        random_y = torch.randint(0, num_classes, (b,), generator=generator).to(y.device)
+        try:
+            return F.cross_entropy(model(x), torch.where(locked, y, random_y))
+        finally:
+            for site in sites.values():
+                site.batch_mask = None
+
+    return step
+
+
+@torch.no_grad()
+def fold_password(model: nn.Module, password: Password, producers: dict[str, str]) -> nn.Module:
+    """Scale each site's producing layer per output neuron by the mask (exact for ReLU/max-pool paths, mask ≥ 0)."""
+    for site in password.neurons:
+        if site not in producers:
+            raise ConfigError(f"edgepro fold mode: site {site!r} has no foldable producer in this model")
+        m = password.mask(site)
+        if (m < 0).any():
+            raise ConfigError("edgepro fold mode needs lock_value >= 0 and scale >= 0")
+        layer = model.get_submodule(producers[site])
+        layer.weight.mul_(m.view(-1, *([1] * (layer.weight.dim() - 1))))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(m)
+    return model
+
+
+@protectors.register()
+class EdgeProProtector(Protector):
+    """EdgePro neuron authorization; see the module docstring."""
+
+    name = "edgepro"
+    Params = EdgeProParams
+    modes = ("mask", "fold")
+    reapplies_to_weights = True
+
+    def choose_password(self, model: nn.Module, ctx: PluginContext) -> Password:
+        p = self.params
+        sites = tuple(p.sites) if p.sites is not None else tuple(ctx.lock_sites)
+        missing = [s for s in sites if s not in dict(model.named_modules())]
+        if missing:
+            raise ConfigError(f"protector 'edgepro': parameter 'sites' names {missing[0]!r}, not a module of the model")
+        ranks = rank_neurons(model, sites, ctx.calib_x[: p.calib_samples])
+        neurons = {s: select_neurons(ranks[s], p.gamma, p.pool, ctx.rng) for s in sites}
+        return Password(neurons, {s: len(r) for s, r in ranks.items()}, p.lock_value, p.scale)
+
+    def lock_train(self, password: Password, ctx: PluginContext) -> nn.Module:
+        torch.manual_seed(ctx.seed)
+        model = ctx.model_factory().to(ctx.device)
+        sites = lock.install(model, password.neurons)
+        step = lock_step(sites, password, ctx.num_classes, self.params.locked_fraction, torch_generator(ctx.seed + 1))
+        ctx.trainer.fit(model, ctx.train_loader, self.params.epochs or ctx.epochs, step=step, desc="edgepro lock")
+        return lock.remove(model).cpu().eval()
+
+    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        password = self.choose_password(model, ctx)
+        locked = self.lock_train(password, ctx)
+        return self.package(locked, password, key)
+
+    def package(self, model: nn.Module, password: Password, key: bytes) -> Artifact:
+        weights = state_bytes(model)
+        meta = new_meta(self.name, self.param_dict(), model_spec(model), files=[WEIGHTS, BLOB],
+                        sha256={WEIGHTS: sha256_hex(weights)}, key_id=key_id(key), cipher="AES-256-GCM",
+                        keyspace_bits=password.keyspace_bits())
+        artifact = Artifact(meta, {WEIGHTS: weights})
+        artifact.files[BLOB] = encrypt(key, password.to_bytes(), artifact.aad())
+        return artifact
+
+    def password(self, artifact: Artifact, key: bytes) -> Password:
+        """Check the weights' hash, then authenticate and decrypt the password."""
+        self.check_artifact(artifact)
+        artifact.check_hashes()
+        check_key(artifact, key)
+        what = f"{artifact.where}/{BLOB}"
+        return Password.from_bytes(decrypt(key, artifact.file(BLOB), artifact.aad(), what), what)
+
+    def _weights(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
+        return load_state_bytes(model_factory(), artifact.file(WEIGHTS), f"{artifact.where}/{WEIGHTS}").eval()
+
+    def deploy(self, artifact, key, model_factory, mode=None):
+        mode = self.check_mode(mode)
+        password = self.password(artifact, key)
+        model = self._weights(artifact, model_factory)
+        if mode == "fold":
+            return fold_password(model, password, getattr(model, "fold_producers", {}))
+        return apply_password(model, password).eval()
+
+    def stolen(self, artifact, model_factory):
+        self.check_artifact(artifact)
+        artifact.check_hashes()
+        return self._weights(artifact, model_factory)
+
+    def authorize(self, model, artifact, key):
+        return apply_password(copy.deepcopy(model), self.password(artifact, key)).eval()
+
+    def secret_bytes(self, artifact):
+        return len(artifact.file(BLOB))
+
+    def keyspace_bits(self, artifact):
+        return float(artifact.meta.get("keyspace_bits", 0.0))

@@ -1,0 +1,29 @@
+"""User-facing errors shared by every layer of the suite.
+
+Anything raised as a :class:`BenchError` is bad input (config, data, artifact, key): the CLI prints its message on
+one line and exits with status 2, without a traceback.
+"""
+
+
+class BenchError(Exception):
+    """Bad input that the user can fix; the message names the file or field."""
+
+
+class ConfigError(BenchError):
+    """A malformed config or invalid parameter."""
+
+
+class DataError(BenchError):
+    """A dataset that is missing or unreadable."""
+
+
+class ArtifactError(BenchError):
+    """A protected artifact that is missing, truncated, tampered with or unreadable."""
+
+
+class KeyMaterialError(BenchError):
+    """A key that is missing, malformed, or wrong for an artifact."""
+
+
+class UnknownNameError(ConfigError):
+    """A registry lookup for a name that is not registered."""
