@@ -1,0 +1,15 @@
+"""Attacks on stolen, protected models; see :mod:`attacks.base` for the threat model.
+
+Built-ins are imported here so their names are always registered; third-party attacks register through the
+``edgepro_bench.attacks`` entry-point group.
+"""
+
+from .base import Attack, Loot, Outcome, ThiefContext
+from .registry_instance import attacks
+
+
+def get(name: str, **params) -> Attack:
+    return attacks.get(name)(**params)
+
+
+__all__ = ["Attack", "Loot", "Outcome", "ThiefContext", "attacks", "get"]

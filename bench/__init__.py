@@ -1,0 +1,1 @@
+"""The harness: data, models, training, runner and record store, profiler, report, CLI."""

@@ -66,7 +66,7 @@ class Artifact:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Artifact":
+    def load(cls, path: str | os.PathLike) -> Artifact:
         path = Path(path)
         meta_path = path / META
         try:

@@ -95,7 +95,7 @@ class Password:
                            "scale": self.scale}, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, what: str) -> "Password":
+    def from_bytes(cls, data: bytes, what: str) -> Password:
         try:
             d = json.loads(data)
             pw = cls({k: [int(i) for i in v] for k, v in d["neurons"].items()},
@@ -111,7 +111,7 @@ class Password:
         """log2 of the number of neuron choices with the same counts per site (λ and s not counted)."""
         return float(sum(math.log2(math.comb(self.widths[s], len(i))) for s, i in self.neurons.items()))
 
-    def overlap(self, other: "Password") -> dict[str, float]:
+    def overlap(self, other: Password) -> dict[str, float]:
         """Per site, the fraction of this password's neurons that ``other`` also names."""
         return {s: len(set(i) & set(other.neurons.get(s, []))) / len(i) for s, i in self.neurons.items()}
 
@@ -128,7 +128,8 @@ def apply_password(model: nn.Module, password: Password) -> nn.Module:
 
 
 @torch.no_grad()
-def rank_neurons(model: nn.Module, sites: Iterable[str], calib_x: torch.Tensor, batch: int = 256) -> dict[str, np.ndarray]:
+def rank_neurons(model: nn.Module, sites: Iterable[str], calib_x: torch.Tensor,
+                 batch: int = 256) -> dict[str, np.ndarray]:
     """Per site, neuron indices sorted by mean activation on ``calib_x``, highest first."""
     model = copy.deepcopy(model).eval()
     wrapped = lock.install(model, sites)

@@ -1,0 +1,104 @@
+"""The attack interface and the thief's context.
+
+Threat model. The thief copied the device storage: the artifact's files (weights and encrypted blobs), not the key
+held by the device's secure element. The thief knows the architecture and the protection method (Kerckhoffs's
+principle), holds a labeled fraction ``f`` of the training set, and has a compute budget in epochs. What stealing is
+worth is always measured against *scratch*: the same architecture trained from random initialization on the same
+data with the same budget (``gain = stolen_acc_after - scratch_acc``).
+
+An attack receives what the thief holds (:class:`Loot`) and a :class:`ThiefContext`, and returns one
+:class:`Outcome` per parameter cell. It never sees the key: the harness alone uses it, afterwards, to ask whether
+the password still works on the attacked copy (``auth_acc_after``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from protectors.artifact import Artifact
+from protectors.base import ModelFactory, Protector, Trainer, build_params
+
+
+@dataclasses.dataclass
+class Loot:
+    """What the thief copied: the artifact, and the protector (the method is public)."""
+
+    artifact: Artifact
+    protector: Protector
+    model_factory: ModelFactory
+
+    def stolen_model(self) -> nn.Module:
+        return self.protector.stolen(self.artifact, self.model_factory)
+
+
+@dataclasses.dataclass
+class ThiefContext:
+    """The thief's resources: a trainer, a labeled subset maker, the test set to score on, a seed."""
+
+    trainer: Trainer
+    thief_data: Callable[[float, int], tuple[torch.Tensor, torch.Tensor]]
+    loader: Callable[[torch.Tensor, torch.Tensor, int], Any]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    lock_sites: tuple[str, ...]
+    seed: int
+    progress: bool = True
+
+    def evaluate(self, model: nn.Module) -> float:
+        return self.trainer.evaluate(model, self.test_x, self.test_y)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One row of an attack: its parameter, the attacked model, and the thief's budget for the scratch baseline.
+
+    ``model`` is what the thief ends with (scored as ``stolen_acc_after``; the harness also applies the true secret
+    to it for ``auth_acc_after``). ``budget`` is ``(fraction, epochs)`` of thief data and training, or ``None``
+    where training from scratch is not the relevant comparison. ``extra`` holds attack-specific numbers.
+    """
+
+    param: str
+    model: nn.Module | None
+    budget: tuple[float, int] | None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stolen_acc: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class Attack(ABC):
+    """Base class of attacks. Subclasses set ``name``, ``Params`` and, if limited, ``applies_to``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    #: protector names this attack applies to (``None``: every protector).
+    applies_to: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, **params: Any):
+        self.params = build_params(self.Params, params, where=f"attack {self.name!r}")
+
+    def param_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    def not_applicable(self, protector: Protector, artifact: Artifact) -> str | None:
+        """Why this attack does not apply to ``protector`` (shown in the table), or ``None`` if it does."""
+        if self.applies_to is not None and protector.name not in self.applies_to:
+            return f"n/a: {self.name} targets {', '.join(self.applies_to)} only"
+        return None
+
+    def cells(self) -> list[str]:
+        """Parameter labels of the rows this attack produces (one record each)."""
+        return ["-"]
+
+    @abstractmethod
+    def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
+        """Attack the stolen copy with the parameter labelled ``cell`` (one of :meth:`cells`)."""

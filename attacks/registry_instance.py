@@ -1,0 +1,7 @@
+"""The attack registry instance (entry-point group ``edgepro_bench.attacks``)."""
+
+from protectors.registry import Registry
+
+from .base import Attack
+
+attacks: Registry[type[Attack]] = Registry("attack", "edgepro_bench.attacks", Attack)

@@ -1,0 +1,80 @@
+"""Command line: ``python -m bench list | run | report`` (also installed as ``edgepro-bench``).
+
+Exit status 0 on success, 2 with a one-line error on bad input (config, data, artifact, key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from protectors.errors import BenchError
+
+
+def _list(args: argparse.Namespace) -> int:
+    from attacks import attacks
+    from protectors import protectors
+
+    from . import config, data, models, targets
+
+    sections = {"datasets": data.datasets.names(), "models": models.models.names(),
+                "protectors": protectors.names(), "attacks": attacks.names(), "targets": targets.targets.names(),
+                "configs": sorted(p.stem for p in config.CONFIG_DIR.glob("*.toml"))}
+    for name, items in sections.items():
+        print(f"{name}: {', '.join(items) if items else '(none)'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import config
+    from .runner import Runner
+
+    cfg = config.load(args.config)
+    out = Path(args.out or Path("runs") / cfg.name)
+    runner = Runner(cfg, out, data_root=args.data_root, download=args.download, key_file=args.key_file,
+                    cache_dir=args.cache_dir, progress=not args.no_progress, profile=not args.no_profile)
+    summary = runner.run()
+    print(f"{cfg.name}: {summary['ran']} of {summary['cells']} cells ran (the rest were already recorded); "
+          f"report in {out / 'REPORT.md'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+
+    print(report.write(args.dir))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepro-bench",
+                                description="Benchmark suite for DNN model protection on edge devices.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered datasets, models, protectors, attacks, targets").set_defaults(func=_list)
+    r = sub.add_parser("run", help="run a config (quick, fashion, paper, or a .toml path)")
+    r.add_argument("--config", required=True, help="shipped config name or path to a TOML file")
+    r.add_argument("--out", help="run directory (default: runs/<config name>)")
+    r.add_argument("--data-root", help="dataset root (default: $EDGEPRO_BENCH_DATA, ./data, the cache)")
+    r.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
+    r.add_argument("--key-file", help="device key file (default: $EDGEPRO_BENCH_KEY, else a key in the cache)")
+    r.add_argument("--cache-dir", help="cache of trained models and artifacts (default: $EDGEPRO_BENCH_CACHE)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-profile", action="store_true", help="skip the latency profiler")
+    r.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="rebuild tables, plots and REPORT.md from DIR/records")
+    rep.add_argument("dir")
+    rep.set_defaults(func=_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are recorded, rerun the same command to resume", file=sys.stderr)
+        return 130

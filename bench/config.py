@@ -1,0 +1,204 @@
+"""Run configs (TOML), validated at the boundary: every error names the file and the field.
+
+A config names datasets, models, seeds, the training budget, protectors (with parameters and sweeps), attacks (with
+parameters) and profiler targets. Shipped configs live in ``bench/configs/`` and are found by name.
+
+A protector entry may sweep parameters: ``sweep = {gamma = [0.05, 0.2]}`` expands into one protector setting per
+combination (the Cartesian product), each labelled ``name[gamma=0.05]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protectors.base import build_params
+from protectors.errors import ConfigError
+
+from .training import TrainConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One protector or attack setting: registered name, parameters, and a label for tables."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def key(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params}
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    targets: list = field(default_factory=list)
+    models: list = field(default_factory=lambda: ["lenet5"])
+    min_queries: int = 200
+    min_seconds: float = 1.0
+    warmup: int = 20
+    throughput_batch: int = 64
+
+    def validate(self) -> None:
+        if self.min_queries < 1 or self.warmup < 0 or self.min_seconds < 0 or self.throughput_batch < 1:
+            raise ValueError("'min_queries' and 'throughput_batch' must be >= 1, 'warmup' and 'min_seconds' >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    source: str
+    datasets: list[str]
+    models: list[str]
+    seeds: list[int]
+    train: TrainConfig
+    protectors: list[PluginSpec]
+    attacks: list[PluginSpec]
+    profile: ProfileConfig
+    train_subset: int | None = None
+    attack_seeds: list[int] | None = None
+
+
+TOP_KEYS = {"name", "description", "datasets", "models", "seeds", "attack_seeds", "train", "train_subset",
+            "protectors", "attacks", "profile"}
+
+
+def _unknown(where: str, key: str, allowed) -> ConfigError:
+    hint = difflib.get_close_matches(key, list(allowed), n=1)
+    did = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"{where}: unknown key {key!r}{did} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _list_of(where: str, value: Any, typ: type, allow_empty: bool = False) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, typ) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where}: must be a list of {typ.__name__}, got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _fmt(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _plugins(src: str, section: str, entries: Any, registry) -> list[PluginSpec]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{src}: '{section}' must be an array of tables ([[{section}]])")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{src}: {section}[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{where}: needs a 'name' string")
+        name = entry["name"]
+        where = f"{where} ({name})"
+        try:
+            cls = registry.get(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {section}[{i}].name: {exc}") from None
+        params = {k: v for k, v in entry.items() if k not in ("name", "label", "sweep")}
+        sweep = entry.get("sweep", {})
+        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise ConfigError(f"{where}.sweep: must map parameter names to non-empty lists")
+        combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
+        for combo in combos:
+            merged = {**params, **combo}
+            try:
+                cls(**merged)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+            label = entry.get("label") or name
+            if combo:
+                label += "[" + ",".join(f"{k}={_fmt(v)}" for k, v in combo.items()) + "]"
+            out.append(PluginSpec(name, merged, label))
+    labels = [p.label for p in out]
+    dup = next((lab for lab in labels if labels.count(lab) > 1), None)
+    if dup:
+        raise ConfigError(f"{src}: {section}: two entries are labelled {dup!r}; give one a distinct 'label'")
+    return out
+
+
+def parse(raw: dict[str, Any], src: str) -> RunConfig:
+    """Validate a parsed TOML document; ``src`` names the file in every error."""
+    from attacks import attacks as attack_registry
+    from protectors import protectors as protector_registry
+
+    from .data import datasets
+    from .models import models
+
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise _unknown(src, k, TOP_KEYS)
+    names = {}
+    for key, registry, default in (("datasets", datasets, None), ("models", models, ["lenet5"])):
+        value = _list_of(f"{src}: {key}", raw.get(key, default), str) if key in raw or default is None else default
+        for i, n in enumerate(value):
+            try:
+                registry.get(n)
+            except ConfigError as exc:
+                raise ConfigError(f"{src}: {key}[{i}]: {exc}") from None
+        names[key] = value
+    seeds = _list_of(f"{src}: seeds", raw.get("seeds", [0]), int)
+    attack_seeds = _list_of(f"{src}: attack_seeds", raw["attack_seeds"], int) if "attack_seeds" in raw else None
+    train_raw = raw.get("train", {})
+    if not isinstance(train_raw, dict):
+        raise ConfigError(f"{src}: 'train' must be a table")
+    train = build_params(TrainConfig, train_raw, f"{src}: train")
+    subset = raw.get("train_subset")
+    if subset is not None and (not isinstance(subset, int) or subset < 1):
+        raise ConfigError(f"{src}: train_subset: must be a positive integer, got {subset!r}")
+    profile_raw = raw.get("profile", {})
+    if not isinstance(profile_raw, dict):
+        raise ConfigError(f"{src}: 'profile' must be a table")
+    profile = build_params(ProfileConfig, profile_raw, f"{src}: profile")
+    from .targets import targets as target_registry
+
+    for key, registry in (("targets", target_registry), ("models", models)):
+        for i, n in enumerate(_list_of(f"{src}: profile.{key}", getattr(profile, key), str, allow_empty=True)):
+            try:
+                registry.get(n)
+            except ConfigError as exc:
+                raise ConfigError(f"{src}: profile.{key}[{i}]: {exc}") from None
+    return RunConfig(
+        name=str(raw.get("name", Path(src).stem)), source=src, datasets=names["datasets"], models=names["models"],
+        seeds=seeds, attack_seeds=attack_seeds, train=train, train_subset=subset, profile=profile,
+        protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry),
+        attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry),
+    )
+
+
+def resolve(name_or_path: str) -> Path:
+    """A shipped config's name (``quick``) or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    hint = difflib.get_close_matches(name_or_path, names, n=1)
+    did = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(f"unknown config {name_or_path!r}{did} (shipped: {', '.join(names)}; or give a .toml path)")
+
+
+def load(name_or_path: str) -> RunConfig:
+    path = resolve(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    return parse(raw, str(path))
+
+
+def as_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

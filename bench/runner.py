@@ -1,0 +1,221 @@
+"""The harness: runs a config's protector × attack × parameter matrix and the profiler, one record per cell.
+
+Cells whose record exists are skipped, so a killed run resumes where it stopped. Trained models and protected
+artifacts are cached by config hash (:mod:`bench.cache`), so cells that share them never retrain.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import protectors
+from attacks import Loot, Outcome, ThiefContext
+from attacks import attacks as attack_registry
+from protectors.artifact import Artifact
+from protectors.base import PluginContext, Protector
+from protectors.crypto import create_key_file, key_id, load_key
+from protectors.seeding import seed_everything
+
+from . import data, models
+from .cache import Cache
+from .config import PluginSpec, RunConfig
+from .records import RecordStore
+from .training import Trainer
+
+CALIB_SIZE = 200
+
+
+class Workbench:
+    """Everything about one (dataset, model, seed): data, the clean model, and protected artifacts (lazy, cached)."""
+
+    def __init__(self, runner: Runner, dataset: str, model: str, seed: int):
+        self.runner, self.dataset, self.model_name, self.seed = runner, dataset, model, seed
+        cfg = runner.cfg
+        self.trainer = Trainer(cfg.train, progress=runner.progress)
+        self.base_key = {"dataset": dataset, "model": model, "seed": seed, "train": asdict(cfg.train),
+                         "train_subset": cfg.train_subset}
+
+    @functools.cached_property
+    def splits(self) -> data.Splits:
+        return data.load(self.dataset, self.runner.data_root, seed=self.seed, download=self.runner.download,
+                         train_subset=self.runner.cfg.train_subset)
+
+    @property
+    def info(self) -> data.DatasetInfo:
+        return self.splits.info
+
+    def factory(self, init_seed: int | None = None):
+        i = self.info
+        return models.factory(self.model_name, i.in_channels, i.image_size, i.num_classes,
+                              self.seed if init_seed is None else init_seed)
+
+    def loader(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> data.BatchLoader:
+        return data.BatchLoader(x, y, self.runner.cfg.train.batch_size, seed, augment=self.splits.augment)
+
+    @functools.cached_property
+    def clean(self) -> torch.nn.Module:
+        def train(m):
+            seed_everything(self.seed)
+            s = self.splits
+            return self.trainer.fit(m, self.loader(s.train_x, s.train_y, self.seed), desc=f"clean {self.model_name}")
+
+        return self.runner.cache.model({"kind": "clean", **self.base_key}, self.factory(), train)
+
+    def context(self) -> PluginContext:
+        s, probe = self.splits, self.factory()()
+        calib = data.subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)), self.seed + 7)[0]
+        return PluginContext(
+            model_factory=self.factory(), trainer=self.trainer,
+            train_loader=self.loader(s.train_x, s.train_y, self.seed + 1), calib_x=calib,
+            num_classes=self.info.num_classes, epochs=self.runner.cfg.train.epochs,
+            lock_sites=tuple(probe.lock_sites), fold_producers=dict(probe.fold_producers),
+            device=self.trainer.device, seed=self.seed, rng=np.random.default_rng(self.seed),
+            example_input=s.train_x[:1])
+
+    def artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
+        protector = protectors.get(spec.name, **spec.params)
+        key = {"kind": "artifact", **self.base_key, "protector": spec.key(), "key_id": key_id(self.runner.key)}
+
+        def make() -> Artifact:
+            seed_everything(self.seed)
+            return protector.protect(self.clean, self.context(), self.runner.key)
+
+        return protector, self.runner.cache.artifact(key, make)
+
+    def thief_data(self, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return data.subset(self.splits.train_x, self.splits.train_y, fraction, seed)
+
+    def scratch_acc(self, fraction: float, epochs: int, seed: int) -> float:
+        """Accuracy of the thief's own model: random init, trained on the thief's subset with the same budget."""
+        def train(m):
+            seed_everything(seed)
+            x, y = self.thief_data(fraction, seed)
+            return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch")
+
+        key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed}
+        model = self.runner.cache.model(key, self.factory(init_seed=10_000 + seed), train)
+        return self.trainer.evaluate(model, self.splits.test_x, self.splits.test_y)
+
+    def thief_context(self, seed: int) -> ThiefContext:
+        s = self.splits
+        return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
+                            test_y=s.test_y, num_classes=self.info.num_classes,
+                            lock_sites=tuple(self.factory()().lock_sites), seed=seed, progress=self.runner.progress)
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, out: str | Path, data_root: str | None = None, download: bool = False,
+                 key_file: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+                 profile: bool = True):
+        self.cfg, self.out = cfg, Path(out)
+        self.data_root, self.download, self.progress, self.do_profile = data_root, download, progress, profile
+        root = Path(cache_dir) if cache_dir else data.cache_dir()
+        self.cache = Cache(root)
+        self.key = load_key(key_file) if key_file else self._default_key(root)
+        self.store = RecordStore(self.out)
+
+    @staticmethod
+    def _default_key(root: Path) -> bytes:
+        try:
+            return load_key()
+        except protectors.KeyMaterialError:
+            # The suite's own device key, outside any results directory, created once (mode 0600).
+            return create_key_file(root / "device.key")
+
+    # -- the matrix ---------------------------------------------------------------------------------------------
+    def cells(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        cfg = self.cfg
+        attack_seeds = cfg.attack_seeds or [0]
+        for dataset in cfg.datasets:
+            for model in cfg.models:
+                for seed in cfg.seeds:
+                    base = {"dataset": dataset, "model": model, "seed": seed, "train": asdict(cfg.train),
+                            "train_subset": cfg.train_subset}
+                    for p in cfg.protectors:
+                        yield "effectiveness", {"kind": "effectiveness", **base, "protector": p.key(), "label": p.label}
+                        for a in cfg.attacks:
+                            attack = attack_registry.get(a.name)(**a.params)
+                            for param in attack.cells():
+                                for aseed in attack_seeds:
+                                    yield "attack", {"kind": "attack", **base, "protector": p.key(),
+                                                     "label": p.label, "attack": a.key(), "attack_label": a.label,
+                                                     "param": param, "attack_seed": aseed}
+
+    def run(self) -> dict[str, int]:
+        from . import profiler, report
+
+        cells = list(self.cells())
+        todo = [(k, c) for k, c in cells if not self.store.has(c)]
+        benches: dict[tuple, Workbench] = {}
+        done = 0
+        with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
+                  disable=not self.progress, unit="cell") as bar:
+            for kind, cell in todo:
+                wb_key = (cell["dataset"], cell["model"], cell["seed"])
+                if wb_key not in benches:
+                    benches.clear()  # one dataset in memory at a time
+                    benches[wb_key] = Workbench(self, *wb_key)
+                wb = benches[wb_key]
+                spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
+                if kind == "effectiveness":
+                    result = self.effectiveness(wb, spec)
+                else:
+                    aspec = next(a for a in self.cfg.attacks if a.label == cell["attack_label"])
+                    result = self.attack(wb, spec, aspec, cell["param"], cell["attack_seed"])
+                self.store.write(cell, result, seed=cell["seed"])
+                done += 1
+                bar.update(1)
+        profiled = profiler.run_config(self) if self.do_profile and self.cfg.profile.targets else 0
+        report.write(self.out)
+        return {"cells": len(cells), "ran": done, "profiled": profiled}
+
+    # -- cells --------------------------------------------------------------------------------------------------
+    def effectiveness(self, wb: Workbench, spec: PluginSpec) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        protector, artifact = wb.artifact(spec)
+        protect_s = time.perf_counter() - t0
+        s, fac = wb.splits, wb.factory()
+        clean_acc = wb.trainer.evaluate(wb.clean, s.test_x, s.test_y)
+        modes = {m: wb.trainer.evaluate(protector.deploy(artifact, self.key, fac, m), s.test_x, s.test_y)
+                 for m in protector.modes}
+        auth_acc = modes[protector.modes[0]]
+        # The thief's random init is not the device's: a different seed for anything the thief builds.
+        stolen_acc = wb.trainer.evaluate(protector.stolen(artifact, wb.factory(init_seed=10_000 + wb.seed)),
+                                         s.test_x, s.test_y)
+        return {"clean_acc": clean_acc, "auth_acc": auth_acc, "acc_loss": clean_acc - auth_acc,
+                "auth_acc_by_mode": modes, "stolen_acc": stolen_acc,
+                "secret_bytes": protector.secret_bytes(artifact), "artifact_bytes": artifact.total_bytes,
+                "keyspace_bits": protector.keyspace_bits(artifact), "seconds": protect_s,
+                "chance": 1.0 / wb.info.num_classes}
+
+    def attack(self, wb: Workbench, spec: PluginSpec, aspec: PluginSpec, param: str, aseed: int) -> dict[str, Any]:
+        protector, artifact = wb.artifact(spec)
+        attack = attack_registry.get(aspec.name)(**aspec.params)
+        why = attack.not_applicable(protector, artifact)
+        if why:
+            return {"applicable": False, "note": why}
+        loot = Loot(artifact=artifact, protector=protector, model_factory=wb.factory(init_seed=10_000 + aseed))
+        ctx = wb.thief_context(aseed)
+        t0 = time.perf_counter()
+        seed_everything(aseed)
+        o: Outcome = attack.run(loot, ctx, param)
+        seconds = time.perf_counter() - t0
+        stolen_after = o.stolen_acc if o.stolen_acc is not None else ctx.evaluate(o.model)
+        auth_after = None
+        if o.model is not None:
+            authorized = protector.authorize(copy.deepcopy(o.model), artifact, self.key)
+            auth_after = ctx.evaluate(authorized) if authorized is not None else None
+        scratch = wb.scratch_acc(*o.budget, seed=aseed) if o.budget else None
+        return {"applicable": True, "stolen_acc_after": stolen_after, "auth_acc_after": auth_after,
+                "scratch_acc": scratch, "gain": None if scratch is None else stolen_after - scratch,
+                "budget": list(o.budget) if o.budget else None, "extra": o.extra, "seconds": seconds,
+                "note": o.extra.pop("note", "") if o.extra else ""}

@@ -1,0 +1,127 @@
+"""Tables built from the records alone (never kept by hand): effectiveness, attacks, overhead.
+
+Numeric columns hold the mean over seeds; ``<col>_std`` the standard deviation and ``n`` the number of runs.
+Markdown and LaTeX show ``mean ± std`` where more than one run went into a row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from protectors.atomic import atomic_write_text
+
+EFFECTIVENESS = ["dataset", "model", "protector", "clean_acc", "auth_acc", "acc_loss", "stolen_acc", "secret_bytes",
+                 "artifact_bytes", "keyspace_bits"]
+ATTACKS = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "auth_acc_after", "scratch_acc",
+           "gain"]
+OVERHEAD = ["model", "protector", "mode", "target", "p50_ms", "p90_ms", "p99_ms", "cold_start_ms", "overhead"]
+
+
+def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
+               extra_first: list[str] = ()) -> pd.DataFrame:
+    if not rows:
+        return pd.DataFrame(columns=keys + values)
+    df = pd.DataFrame(rows)
+    for v in values:
+        if v not in df:
+            df[v] = np.nan
+        df[v] = pd.to_numeric(df[v], errors="coerce")
+    order = {k: sorted(dict.fromkeys(df[k]), key=_rank) for k in keys}
+    g = df.groupby(keys, sort=False, dropna=False)
+    mean = g[values].mean()
+    std = g[values].std(ddof=1).add_suffix("_std")
+    firsts = g[list(extra_first)].first() if extra_first else None
+    out = pd.concat([mean, std, g.size().rename("n")] + ([firsts] if firsts is not None else []), axis=1)
+    out = out.reset_index()
+    for k in keys:
+        out[k] = pd.Categorical(out[k], categories=order[k], ordered=True)
+    return out.sort_values(keys).reset_index(drop=True).astype({k: object for k in keys})
+
+
+def effectiveness(records: list[dict]) -> pd.DataFrame:
+    rows = [{"dataset": r["cell"]["dataset"], "model": r["cell"]["model"], "protector": r["cell"]["label"],
+             **{k: r["result"].get(k) for k in EFFECTIVENESS[3:]}}
+            for r in records if r["cell"].get("kind") == "effectiveness"]
+    return _aggregate(rows, EFFECTIVENESS[:3], EFFECTIVENESS[3:])
+
+
+def attacks(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        c, res = r["cell"], r["result"]
+        if c.get("kind") != "attack":
+            continue
+        extra = res.get("extra") or {}
+        rows.append({"dataset": c["dataset"], "model": c["model"], "protector": c["label"],
+                     "attack": c["attack_label"], "param": c["param"],
+                     **{k: res.get(k) for k in ATTACKS[5:]},
+                     **{k: v for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                     "note": res.get("note", "")})
+    numeric = ATTACKS[5:] + sorted({k for row in rows for k in row if k not in ATTACKS and k != "note"})
+    return _aggregate(rows, ATTACKS[:5], numeric, extra_first=["note"])
+
+
+def overhead(records: list[dict]) -> pd.DataFrame:
+    rows = [{**{k: r["cell"][k] for k in ("model", "protector", "mode", "target")},
+             **{k: v for k, v in r["result"].items() if isinstance(v, (int, float, type(None)))},
+             "note": r["result"].get("note", "")}
+            for r in records if r["cell"].get("kind") == "profile"]
+    numeric = sorted({k for row in rows for k in row if k not in OVERHEAD[:4] and k != "note"})
+    numeric = [c for c in OVERHEAD[4:] if c in numeric] + [c for c in numeric if c not in OVERHEAD]
+    return _aggregate(rows, OVERHEAD[:4], numeric, extra_first=["note"])
+
+
+BUILTIN_ORDER = ["none", "aes", "edgepro"]
+WHOLE = {"secret_bytes", "artifact_bytes", "n"}
+
+
+def _rank(value: Any) -> tuple:
+    """Built-in protectors first in a fixed order, then everything else in natural order."""
+    text = str(value)
+    base = text.split("[")[0]
+    return (BUILTIN_ORDER.index(base) if base in BUILTIN_ORDER else len(BUILTIN_ORDER), text)
+
+
+def _fmt(v: Any, std: Any = None, digits: int = 3, column: str = "") -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    if column in WHOLE:
+        return f"{v:,.0f}"
+    if column == "keyspace_bits":
+        return f"{v:.1f}"
+    if isinstance(v, (float, np.floating)):
+        s = f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
+        if std is not None and not (isinstance(std, float) and np.isnan(std)):
+            s += f" ± {std:.{digits}f}"
+        return s
+    return str(v)
+
+
+def display(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The table as shown in Markdown/LaTeX: listed columns, ``mean ± std`` strings, notes kept."""
+    out = pd.DataFrame(index=df.index)
+    for c in columns + [c for c in ("note",) if c in df and df[c].astype(str).str.len().gt(0).any()]:
+        if c not in df:
+            continue
+        std = f"{c}_std"
+        if std in df:
+            out[c] = [_fmt(v, s if n > 1 else None, column=c) for v, s, n in zip(df[c], df[std], df["n"])]
+        else:
+            out[c] = [_fmt(v, column=c) for v in df[c]]
+    return out
+
+
+def write(df: pd.DataFrame, columns: list[str], stem: Path) -> list[Path]:
+    """Write ``stem``.csv (all columns, raw numbers), .md and .tex (display form)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    shown = display(df, columns)
+    files = {stem.with_suffix(".csv"): df.to_csv(index=False),
+             stem.with_suffix(".md"): (shown.to_markdown(index=False) if len(shown) else "(no rows)") + "\n",
+             stem.with_suffix(".tex"): shown.to_latex(index=False, escape=True)}
+    for path, text in files.items():
+        atomic_write_text(path, text)
+    return list(files)
