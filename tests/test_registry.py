@@ -1,0 +1,39 @@
+import sys
+import textwrap
+
+import pytest
+
+import protectors
+from protectors.registry import Registry
+
+
+def test_entry_point_plugin_is_found_and_checked(tmp_path, monkeypatch):
+    """A third-party protector installed as a distribution with an entry point shows up by name."""
+    (tmp_path / "my_protector.py").write_text(textwrap.dedent("""
+        from protectors.none import NoProtection
+        class Xor(NoProtection):
+            name = "xor-demo"
+        class NotAProtector:
+            pass
+    """))
+    dist = tmp_path / "my_protector-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-protector\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[edgepro_bench.protectors]\nxor-demo = my_protector:Xor\nbroken = my_protector:NotAProtector\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("protector", "edgepro_bench.protectors", protectors.Protector)
+    assert "xor-demo" in reg.names()
+    assert reg.get("xor-demo").__name__ == "Xor"
+    with pytest.raises(TypeError, match="must be a subclass of Protector"):
+        reg.get("broken")
+    sys.modules.pop("my_protector", None)
+
+
+def test_register_rejects_non_subclass_and_duplicates():
+    reg = Registry("protector", None, protectors.Protector)
+    with pytest.raises(TypeError):
+        reg.add("x", int)
+    reg.add("none", protectors.protectors.get("none"))
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("none", protectors.protectors.get("aes"))
