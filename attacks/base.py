@@ -59,15 +59,19 @@ class Outcome:
     """One row of an attack: its parameter, the attacked model, and the thief's budget for the scratch baseline.
 
     ``model`` is what the thief ends with (scored as ``stolen_acc_after``; the harness also applies the true secret
-    to it for ``auth_acc_after``). ``budget`` is ``(fraction, epochs)`` of thief data and training, or ``None``
-    where training from scratch is not the relevant comparison. ``extra`` holds attack-specific numbers.
+    to it for ``auth_acc_after``). ``budget`` is ``(fraction, epochs)``: the thief data and training epochs the
+    attack used, which the scratch baseline gets too (``epochs = 0``: an untrained model). ``extra`` holds
+    attack-specific numbers.
     """
 
     param: str
     model: nn.Module | None
-    budget: tuple[float, int] | None
+    budget: tuple[float, int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stolen_acc: float | None = None
+    #: lock site -> original neuron indices that survived structured pruning (to slice a per-neuron secret)
+    kept: dict[str, list[int]] | None = None
+    #: the attacker's guess of the secret, compared with the real one by the harness (reporting only)
+    guess: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,8 +101,11 @@ class Workbench:
             x, y = self.thief_data(fraction, seed)
             return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch")
 
-        key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed}
-        model = self.runner.cache.model(key, self.factory(init_seed=10_000 + seed), train)
+        if epochs == 0:
+            model = self.factory(init_seed=10_000 + seed)().eval()
+        else:
+            key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed}
+            model = self.runner.cache.model(key, self.factory(init_seed=10_000 + seed), train)
         return self.trainer.evaluate(model, self.splits.test_x, self.splits.test_y)
 
     def thief_context(self, seed: int) -> ThiefContext:
@@ -209,13 +212,22 @@ class Runner:
         seed_everything(aseed)
         o: Outcome = attack.run(loot, ctx, param)
         seconds = time.perf_counter() - t0
-        stolen_after = o.stolen_acc if o.stolen_acc is not None else ctx.evaluate(o.model)
-        auth_after = None
-        if o.model is not None:
-            authorized = protector.authorize(copy.deepcopy(o.model), artifact, self.key)
+        stolen_after = ctx.evaluate(o.model)
+        extra, note = dict(o.extra), ""
+        # Only now, outside the attack, the key: does the real secret still work on the attacked copy?
+        try:
+            authorized = protector.authorize(copy.deepcopy(o.model), artifact, self.key, kept=o.kept)
             auth_after = ctx.evaluate(authorized) if authorized is not None else None
-        scratch = wb.scratch_acc(*o.budget, seed=aseed) if o.budget else None
+        except (RuntimeError, protectors.BenchError) as exc:
+            auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
+        if o.guess is not None:
+            extra.update(protector.compare_secret(artifact, self.key, o.guess))
+        if "test_accs" in extra:
+            clean = wb.trainer.evaluate(wb.clean, wb.splits.test_x, wb.splits.test_y)
+            accs = np.asarray(extra["test_accs"])
+            extra["n_pass50"] = int((accs >= 0.5 * clean).sum())
+            extra["n_pass80"] = int((accs >= 0.8 * clean).sum())
+        scratch = wb.scratch_acc(*o.budget, seed=aseed)
         return {"applicable": True, "stolen_acc_after": stolen_after, "auth_acc_after": auth_after,
-                "scratch_acc": scratch, "gain": None if scratch is None else stolen_after - scratch,
-                "budget": list(o.budget) if o.budget else None, "extra": o.extra, "seconds": seconds,
-                "note": o.extra.pop("note", "") if o.extra else ""}
+                "scratch_acc": scratch, "gain": stolen_after - scratch, "budget": list(o.budget), "extra": extra,
+                "seconds": seconds, "note": note}

@@ -103,12 +103,19 @@ class Protector(ABC):
     def stolen(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
         """What a thief holding the artifact but not the key can run (eval mode)."""
 
-    def authorize(self, model: nn.Module, artifact: Artifact, key: bytes) -> nn.Module | None:
+    def authorize(self, model: nn.Module, artifact: Artifact, key: bytes,
+                  kept: dict[str, list[int]] | None = None) -> nn.Module | None:
         """Apply the secret to other weights of the same architecture (e.g. a fine-tuned stolen copy).
 
-        Returns ``None`` where the secret is not separable from the weights (e.g. whole-model encryption).
+        ``kept`` maps lock sites to the neuron indices that survived structured pruning, so a per-neuron secret can
+        be sliced to match. Returns ``None`` where the secret is not separable from the weights (whole-model
+        encryption).
         """
         return None
+
+    def compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:
+        """How close an attacker's ``guess`` of the secret is to the real one (reporting only)."""
+        return {}
 
     def secret_bytes(self, artifact: Artifact) -> int:
         """Bytes under encryption (what must be decrypted with the key)."""

@@ -45,6 +45,8 @@ from .seeding import torch_generator
 from .weights import load_state_bytes, state_bytes
 
 BLOB = "password.enc"
+#: parameters that are part of the password, so never written to the plaintext metadata.
+SECRET_PARAMS = ("lock_value", "scale", "sites")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,16 @@ class Password:
     def keyspace_bits(self) -> float:
         """log2 of the number of neuron choices with the same counts per site (λ and s not counted)."""
         return float(sum(math.log2(math.comb(self.widths[s], len(i))) for s, i in self.neurons.items()))
+
+    def sliced(self, kept: dict[str, list[int]]) -> Password:
+        """The password on a structurally pruned model: ``kept[site]`` lists the surviving original indices."""
+        neurons, widths = dict(self.neurons), dict(self.widths)
+        for site, survivors in kept.items():
+            if site in neurons:
+                pos = {orig: new for new, orig in enumerate(survivors)}
+                neurons[site] = [pos[i] for i in neurons[site] if i in pos]
+                widths[site] = len(survivors)
+        return Password(neurons, widths, self.lock_value, self.scale)
 
     def overlap(self, other: Password) -> dict[str, float]:
         """Per site, the fraction of this password's neurons that ``other`` also names."""
@@ -228,7 +240,8 @@ class EdgeProProtector(Protector):
 
     def package(self, model: nn.Module, password: Password, key: bytes) -> Artifact:
         weights = state_bytes(model)
-        meta = new_meta(self.name, self.param_dict(), model_spec(model), files=[WEIGHTS, BLOB],
+        public = {k: v for k, v in self.param_dict().items() if k not in SECRET_PARAMS}
+        meta = new_meta(self.name, public, model_spec(model), files=[WEIGHTS, BLOB],
                         sha256={WEIGHTS: sha256_hex(weights)}, key_id=key_id(key), cipher="AES-256-GCM",
                         keyspace_bits=password.keyspace_bits())
         artifact = Artifact(meta, {WEIGHTS: weights})
@@ -259,8 +272,17 @@ class EdgeProProtector(Protector):
         artifact.check_hashes()
         return self._weights(artifact, model_factory)
 
-    def authorize(self, model, artifact, key):
-        return apply_password(copy.deepcopy(model), self.password(artifact, key)).eval()
+    def authorize(self, model, artifact, key, kept=None):
+        password = self.password(artifact, key)
+        if kept:
+            password = password.sliced(kept)
+        return apply_password(copy.deepcopy(model), password).eval()
+
+    def compare_secret(self, artifact, key, guess):
+        if not isinstance(guess, Password):
+            return {}
+        overlap = self.password(artifact, key).overlap(guess)
+        return {"overlap": overlap, "overlap_mean": float(np.mean(list(overlap.values())))}
 
     def secret_bytes(self, artifact):
         return len(artifact.file(BLOB))

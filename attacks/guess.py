@@ -1,0 +1,185 @@
+"""Password-guessing attacks on EdgePro: random guesses, ranked guesses, and mask learning.
+
+The thief knows the method and its public defaults (Kerckhoffs): the lock sites the model declares, ``gamma`` (so
+the number of authorization neurons per site) and the locking value λ; not which neurons. A guess is scored on the
+test set; the thief can pick the best guess with its own labeled data, so the reported ``stolen_acc_after`` is the
+test accuracy of the guess that scores best on the thief's data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protectors import lock
+from protectors.edgepro import Password, apply_password, rank_neurons, select_neurons
+
+from .base import Attack, Loot, Outcome, ThiefContext
+from .finetune import _fractions_ok
+from .registry_instance import attacks
+
+
+@dataclass(frozen=True)
+class GuessParams:
+    guesses: int = 200
+    fraction: float = 0.05
+    gamma: float = 0.1
+    pool: float = 0.3
+    lock_value: float = 0.0
+    #: epochs the scratch baseline trains on the same thief data (guessing itself trains nothing)
+    scratch_epochs: int = 10
+
+    def validate(self) -> None:
+        if self.guesses < 1:
+            raise ValueError(f"parameter 'guesses' must be >= 1, got {self.guesses}")
+        _fractions_ok([self.fraction])
+        if not 0 < self.gamma <= 1 or not 0 < self.pool <= 1:
+            raise ValueError("parameters 'gamma' and 'pool' must be in (0, 1]")
+
+
+def site_widths(model: nn.Module, sites, example: torch.Tensor) -> dict[str, int]:
+    return lock.site_widths(model, sites, example)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / max(1, len(x))
+
+
+class _GuessAttack(Attack):
+    Params = GuessParams
+    applies_to = ("edgepro",)
+
+    def not_applicable(self, protector, artifact):
+        if protector.name == "aes":
+            return "n/a: the secret is an AES-256 key (2^256 guesses), infeasible"
+        if protector.name == "none":
+            return "n/a: no secret to guess"
+        return super().not_applicable(protector, artifact)
+
+    def cells(self) -> list[str]:
+        return [f"N={self.params.guesses}"]
+
+    def draw(self, model: nn.Module, ctx: ThiefContext, x: torch.Tensor, widths: dict[str, int],
+             rng: np.random.Generator) -> list[dict[str, list[int]]]:
+        raise NotImplementedError
+
+    def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
+        p = self.params
+        stolen = loot.stolen_model()
+        x, y = ctx.thief_data(p.fraction, ctx.seed)
+        widths = site_widths(stolen, ctx.lock_sites, x[:1])
+        rng = np.random.default_rng(ctx.seed)
+        model = copy.deepcopy(stolen)
+        sites = lock.install(model, ctx.lock_sites)
+        scores = []
+        for neurons in self.draw(stolen, ctx, x, widths, rng):
+            pw = Password(neurons, widths, p.lock_value, 1.0)
+            for name, site in sites.items():
+                site.set_mask(pw.mask(name))
+            scores.append((accuracy(model, x, y), accuracy(model, ctx.test_x, ctx.test_y), pw))
+        test_accs = np.array([s[1] for s in scores])
+        best = max(scores, key=lambda s: s[0])
+        best_model = apply_password(copy.deepcopy(stolen), best[2])
+        extra = {"best_test_acc": float(test_accs.max()), "median_test_acc": float(np.median(test_accs)),
+                 "guesses": len(scores), "test_accs": test_accs.round(4).tolist()}
+        return Outcome(cell, best_model, (p.fraction, p.scratch_epochs), extra=extra,
+                       guess=best[2])
+
+
+@attacks.register()
+class GuessRandom(_GuessAttack):
+    """N uniformly random guesses: the right number of neurons per site, λ known."""
+
+    name = "guess-random"
+
+    def draw(self, model, ctx, x, widths, rng):
+        k = {s: max(1, math.ceil(self.params.gamma * n - 1e-9)) for s, n in widths.items()}
+        return [{s: sorted(rng.choice(n, size=k[s], replace=False).tolist()) for s, n in widths.items()}
+                for _ in range(self.params.guesses)]
+
+
+@attacks.register()
+class GuessRanked(_GuessAttack):
+    """N guesses by EdgePro's own selection rule, with neurons ranked on the thief's data through the stolen copy."""
+
+    name = "guess-ranked"
+
+    def draw(self, model, ctx, x, widths, rng):
+        ranks = rank_neurons(model, list(widths), x[:200])
+        p = self.params
+        return [{s: select_neurons(ranks[s], p.gamma, p.pool, rng) for s in widths} for _ in range(p.guesses)]
+
+
+@dataclass(frozen=True)
+class MaskLearningParams:
+    fraction: float = 0.05
+    epochs: int = 10
+    lr: float = 0.05
+    gamma: float = 0.1
+    lock_value: float = 0.0
+
+    def validate(self) -> None:
+        _fractions_ok([self.fraction])
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError("parameters 'epochs' must be >= 1 and 'lr' > 0")
+
+
+class _Gate(nn.Module):
+    """A learnable per-neuron gate in (0, 1) at a lock site: the continuous relaxation of the password mask."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.logit = nn.Parameter(torch.full((width,), 3.0))
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.logit)
+        return out * g.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+@attacks.register()
+class MaskLearning(_GuessAttack):
+    """Adaptive reverse engineering: freeze the weights, learn a gate per neuron on the thief's data, threshold.
+
+    The ``ceil(gamma·n)`` neurons with the lowest gate at each site become the guessed authorization neurons.
+    """
+
+    name = "mask-learning"
+    Params = MaskLearningParams
+
+    def cells(self) -> list[str]:
+        return [f"f={self.params.fraction:g}"]
+
+    def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
+        p = self.params
+        stolen = loot.stolen_model()
+        x, y = ctx.thief_data(p.fraction, ctx.seed)
+        widths = site_widths(stolen, ctx.lock_sites, x[:1])
+        model = copy.deepcopy(stolen).eval()  # eval: batch-norm statistics stay frozen too
+        for q in model.parameters():
+            q.requires_grad_(False)
+        gates = {s: _Gate(w) for s, w in widths.items()}
+        handles = [model.get_submodule(s).register_forward_hook(lambda m, i, o, g=g: g(o)) for s, g in gates.items()]
+        opt = torch.optim.Adam([g.logit for g in gates.values()], lr=p.lr)
+        loader = ctx.loader(x, y, ctx.seed)
+        for _ in range(p.epochs):
+            for xb, yb in loader:
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        for h in handles:
+            h.remove()
+        neurons = {}
+        for s, g in gates.items():
+            k = max(1, math.ceil(p.gamma * widths[s] - 1e-9))
+            neurons[s] = sorted(torch.argsort(g.logit.detach())[:k].tolist())
+        guess = Password(neurons, widths, p.lock_value, 1.0)
+        return Outcome(cell, apply_password(copy.deepcopy(stolen), guess), (p.fraction, p.epochs), guess=guess)

@@ -1,0 +1,114 @@
+"""Magnitude pruning of the stolen copy, with and without a short fine-tune.
+
+- ``prune-unstructured``: global L1 magnitude pruning of every conv/linear weight (``torch.nn.utils.prune``), made
+  permanent.
+- ``prune-channel``: structured L1 channel pruning with Torch-Pruning (the classifier is kept). Torch-Pruning
+  silently prunes nothing when parameters are frozen, so the parameter count is checked to have dropped. The
+  surviving channel indices at each lock site are reported, so EdgePro's masks can be sliced to match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+from .base import Attack, Loot, Outcome, ThiefContext
+from .finetune import _fractions_ok, finetune
+from .registry_instance import attacks
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    ratios: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    finetune_epochs: int = 2
+    fraction: float = 0.05
+
+    def validate(self) -> None:
+        if not self.ratios or not all(isinstance(r, (int, float)) and 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"parameter 'ratios' must be a non-empty list of numbers in (0, 1), got {self.ratios!r}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"parameter 'finetune_epochs' must be >= 0, got {self.finetune_epochs}")
+        _fractions_ok([self.fraction])
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+class _PruneAttack(Attack):
+    Params = PruneParams
+
+    def cells(self) -> list[str]:
+        tail = [""] + (["+ft"] if self.params.finetune_epochs else [])
+        return [f"r={r:g}{t}" for r in self.params.ratios for t in tail]
+
+    def prune(self, model: nn.Module, ratio: float, example: torch.Tensor) -> tuple[dict, dict | None]:
+        raise NotImplementedError
+
+    def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
+        ratio = float(cell.removeprefix("r=").removesuffix("+ft"))
+        model = loot.stolen_model()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        extra, kept = self.prune(model, ratio, ctx.test_x[:1])
+        budget = (0.0, 0)
+        if cell.endswith("+ft"):
+            finetune(model, ctx, self.params.fraction, self.params.finetune_epochs, desc=f"{self.name} {cell}")
+            budget = (self.params.fraction, self.params.finetune_epochs)
+        return Outcome(cell, model.eval(), budget, extra=extra, kept=kept)
+
+
+@attacks.register()
+class PruneUnstructured(_PruneAttack):
+    """Global L1 magnitude pruning of all conv/linear weights."""
+
+    name = "prune-unstructured"
+
+    def prune(self, model, ratio, example):
+        before = count_nonzero(model)
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=ratio)
+        for m, name in layers:
+            tprune.remove(m, name)
+        after = count_nonzero(model)
+        if after >= before:
+            raise RuntimeError(f"{self.name}: nothing was pruned at ratio {ratio}")
+        return {"nonzero_before": before, "nonzero_after": after}, None
+
+
+@attacks.register()
+class PruneChannel(_PruneAttack):
+    """Structured L1 channel pruning with Torch-Pruning; the final classifier keeps its outputs."""
+
+    name = "prune-channel"
+
+    def prune(self, model, ratio, example):
+        import torch_pruning as tp
+
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        before = count_params(model)
+        model.eval()
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=[classifier])
+        names = {m: n for n, m in model.named_modules()}
+        widths = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        removed: dict[str, set[int]] = {}
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                if pruner.DG.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names:
+                    removed.setdefault(names[dep.target.module], set()).update(int(i) for i in idxs)
+            group.prune()
+        after = count_params(model)
+        if after >= before:
+            raise RuntimeError(f"{self.name}: Torch-Pruning removed no parameters at ratio {ratio}")
+        producers = getattr(model, "fold_producers", {})
+        kept = {site: [i for i in range(widths[prod]) if i not in removed.get(prod, set())]
+                for site, prod in producers.items() if prod in widths}
+        return {"params_before": before, "params_after": after}, kept

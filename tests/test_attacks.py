@@ -1,0 +1,88 @@
+import copy
+
+import pytest
+import torch
+
+import attacks
+import protectors
+from attacks import Loot, ThiefContext
+from bench import data
+from protectors.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def thief(digits, trainer):
+    def thief_data(fraction, seed):
+        return data.subset(digits.train_x, digits.train_y, fraction, seed)
+
+    def loader(x, y, seed):
+        return data.BatchLoader(x, y, 32, seed)
+
+    return ThiefContext(trainer=trainer, thief_data=thief_data, loader=loader, test_x=digits.test_x,
+                        test_y=digits.test_y, num_classes=10, lock_sites=("relu1", "relu2", "relu3", "relu4"),
+                        seed=0, progress=False)
+
+
+def test_unknown_attack_and_bad_params():
+    with pytest.raises(protectors.UnknownNameError, match="did you mean 'finetune'"):
+        attacks.get("fine-tune")
+    with pytest.raises(ConfigError, match=r"attack 'prune-channel': parameter 'ratios' must be .* in \(0, 1\)"):
+        attacks.get("prune-channel", ratios=[1.5])
+    with pytest.raises(ConfigError, match=r"'fractions' must be a non-empty list"):
+        attacks.get("finetune", fractions=[])
+
+
+def test_guess_attacks_explain_why_not_applicable(clean_lenet, ctx, key):
+    aes = protectors.get("aes")
+    why = attacks.get("guess-random").not_applicable(aes, aes.protect(clean_lenet, ctx, key))
+    assert "AES-256" in why and "infeasible" in why
+
+
+def test_pruning_none_at_90_percent_drops_accuracy(clean_lenet, ctx, key, lenet_factory, thief):
+    none = protectors.get("none")
+    loot = Loot(none.protect(clean_lenet, ctx, key), none, lenet_factory)
+    before = thief.evaluate(loot.stolen_model())
+    out = attacks.get("prune-channel", ratios=[0.9], finetune_epochs=0).run(loot, thief, "r=0.9")
+    assert out.extra["params_after"] < 0.2 * out.extra["params_before"]
+    assert thief.evaluate(out.model) < before - 0.3
+    out = attacks.get("prune-unstructured", ratios=[0.9], finetune_epochs=0).run(loot, thief, "r=0.9")
+    assert out.extra["nonzero_after"] < 0.15 * out.extra["nonzero_before"]
+    assert thief.evaluate(out.model) < before
+
+
+def test_true_password_as_guess_reaches_authorized_accuracy(edgepro_artifact, key, lenet_factory, thief):
+    from protectors.edgepro import apply_password
+
+    ep = protectors.get("edgepro")
+    pw = ep.password(edgepro_artifact, key)
+    stolen = ep.stolen(edgepro_artifact, lenet_factory)
+    guessed = thief.evaluate(apply_password(copy.deepcopy(stolen), pw))
+    assert guessed == thief.evaluate(ep.deploy(edgepro_artifact, key, lenet_factory))
+    assert ep.compare_secret(edgepro_artifact, key, pw)["overlap_mean"] == 1.0
+
+
+def test_channel_pruning_slices_the_password(edgepro_artifact, key, lenet_factory, thief):
+    ep = protectors.get("edgepro")
+    loot = Loot(edgepro_artifact, ep, lenet_factory)
+    out = attacks.get("prune-channel", ratios=[0.3], finetune_epochs=0).run(loot, thief, "r=0.3")
+    assert set(out.kept) == {"relu1", "relu2", "relu3", "relu4"}
+    assert len(out.kept["relu3"]) < 120
+    authorized = ep.authorize(out.model, edgepro_artifact, key, kept=out.kept)
+    assert thief.evaluate(authorized) > 0.5  # the sliced password still runs on the pruned copy
+
+
+def test_guess_random_reports_scores(edgepro_artifact, lenet_factory, thief):
+    loot = Loot(edgepro_artifact, protectors.get("edgepro"), lenet_factory)
+    out = attacks.get("guess-random", guesses=5).run(loot, thief, "N=5")
+    assert out.extra["guesses"] == 5 and len(out.extra["test_accs"]) == 5
+    assert out.extra["best_test_acc"] >= out.extra["median_test_acc"]
+    assert sum(len(v) for v in out.guess.neurons.values()) == 1 + 2 + 12 + 9  # ceil(0.1 n) per site
+
+
+def test_mask_learning_recovers_a_guess(edgepro_artifact, key, lenet_factory, thief):
+    ep = protectors.get("edgepro")
+    loot = Loot(edgepro_artifact, ep, lenet_factory)
+    out = attacks.get("mask-learning", epochs=2).run(loot, thief, "f=0.05")
+    overlap = ep.compare_secret(edgepro_artifact, key, out.guess)
+    assert set(overlap["overlap"]) == {"relu1", "relu2", "relu3", "relu4"}
+    assert 0.0 <= overlap["overlap_mean"] <= 1.0

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from bench import config
+from bench.runner import Runner
+
+CFG = """
+name = "t"
+datasets = ["digits"]
+seeds = [0]
+[train]
+epochs = 3
+[[protectors]]
+name = "aes"
+[[protectors]]
+name = "edgepro"
+[[attacks]]
+name = "finetune"
+fractions = [0.05, 0.1]
+epochs = 2
+[[attacks]]
+name = "guess-random"
+guesses = 3
+"""
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text(CFG)
+    return config.load(str(p))
+
+
+def results(out):
+    return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+
+
+def test_finetuning_aes_stolen_copy_equals_scratch(cfg, tmp_path):
+    out = tmp_path / "run"
+    Runner(cfg, out, cache_dir=tmp_path / "cache", progress=False, profile=False).run()
+    recs = [r for r in results(out) if r["cell"]["kind"] == "attack" and r["cell"]["label"] == "aes"]
+    ft = [r["result"] for r in recs if r["cell"]["attack"]["name"] == "finetune"]
+    assert len(ft) == 2
+    for r in ft:
+        assert r["stolen_acc_after"] == r["scratch_acc"] and r["gain"] == 0.0
+        assert r["auth_acc_after"] is None
+    guess = next(r["result"] for r in recs if r["cell"]["attack"]["name"] == "guess-random")
+    assert not guess["applicable"] and "infeasible" in guess["note"]
+    table = (out / "tables" / "attacks.csv").read_text().splitlines()[0]
+    assert table.startswith("dataset,model,protector,attack,param,stolen_acc_after,auth_acc_after,scratch_acc,gain")
+
+
+def test_killed_run_resumes_without_redoing_finished_cells(cfg, tmp_path, monkeypatch):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    calls = []
+    real = Runner.attack
+
+    def dying(self, *a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(a)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Runner, "attack", dying)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg, out, cache_dir=cache, progress=False, profile=False).run()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
+    assert 0 < len(done) < 8
+    monkeypatch.setattr(Runner, "attack", real)
+    summary = Runner(cfg, out, cache_dir=cache, progress=False, profile=False).run()
+    assert summary["ran"] == summary["cells"] - len(done) == 8 - len(done)
+    for name, mtime in done.items():
+        assert (out / "records" / name).stat().st_mtime_ns == mtime
+    assert not list((out / "records").glob(".*.tmp"))  # no half-written record
