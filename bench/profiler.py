@@ -1,5 +1,280 @@
-"""Inference-latency profiler (filled in by the profiler issue)."""
+"""Inference-latency profiler: cold start, warm single-stream latency, throughput, memory, per edge target.
+
+For each model × protector setting × deploy mode × target it measures, on the protector's own authorized
+inference path:
+
+- **cold start**: read the artifact from disk, decrypt, build, first inference;
+- **warm latency** at batch 1 (the edge single-stream scenario) after a warm-up, with a minimum number of queries
+  *and* a minimum duration, reported as p50/p90/p99 and mean (MLPerf-style);
+- **throughput** at a larger batch, **peak memory** (growth of the peak resident set during the cold start),
+  artifact and secret bytes.
+
+Every variant of a (model, target) pair, ``none`` included, runs in one child process, *interleaved* query by
+query (none, aes, edgepro, none, …, starting point rotating), so machine drift hits all of them alike.
+``overhead`` is the median of the per-round ratios protected/none. Latency needs no trained weights, so the
+profiler builds artifacts from randomly initialized models and needs no dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import protectors
+from protectors.artifact import Artifact
+from protectors.base import PluginContext
+from protectors.crypto import KEY_ENV, GcmDecryptor, encrypt
+from protectors.hashing import config_hash
+
+from . import models
+from .config import ProfileConfig
+from .targets import targets
+
+#: input shapes the profiler uses per model (MNIST-sized for LeNet-5, CIFAR-sized for the others)
+INPUT = {"lenet5": (1, 28, 28), "resnet18": (3, 32, 32), "mobilenetv2": (3, 32, 32)}
+PROFILE_SEED = 0
+BASELINE = "none|default"
+
+
+def input_shape(model: str) -> tuple[int, int, int]:
+    return INPUT.get(model, (3, 32, 32))
+
+
+def gcm_gbps(nbytes: int = 16 << 20, reps: int = 5) -> float:
+    """AES-256-GCM decryption speed (GB/s) into a preallocated buffer, in this process."""
+    key = bytes(32)
+    dec = GcmDecryptor(key, encrypt(key, bytes(nbytes), b""), b"", "gcm probe")
+    dec.decrypt()
+    best = min(_timed(dec.decrypt) for _ in range(reps))
+    return nbytes / best / 1e9
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        return True
+    except OSError:
+        return False
+
+
+# -- child process ----------------------------------------------------------------------------------------------
+def child(job_path: str) -> None:
+    """Measure every variant of one (model, target) job, interleaved; print JSON results."""
+    job = json.loads(Path(job_path).read_text())
+    target = targets.get(job["target"])()
+    target.setup()
+    prof = ProfileConfig(**job["profile"])
+    key = bytes.fromhex(os.environ[KEY_ENV])
+    spec = job["model_spec"]
+    factory = models.factory(spec["name"], spec["in_channels"], spec["image_size"], spec["num_classes"],
+                             PROFILE_SEED)
+    shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    gen = torch.Generator().manual_seed(1)
+    x1 = target.example(torch.randn(1, *shape, generator=gen))
+    xb = target.example(torch.randn(prof.throughput_batch, *shape, generator=gen))
+    results: dict[str, dict[str, Any]] = {}
+    runs = {}
+    # One throwaway load first, so that "cold start" is the model's (read, decrypt, build, first inference),
+    # not the runtime's own imports and one-time initialization.
+    first = job["variants"][0]
+    target.load(protectors.get(first["protector"], **first["params"]), Artifact.load(first["dir"]), key, factory,
+                first["mode"])(x1)
+    for v in job["variants"]:
+        protector = protectors.get(v["protector"], **v["params"])
+        measure_mem = _reset_peak()
+        rss0 = _rss_kb("VmRSS")
+        t0 = time.perf_counter()
+        try:
+            artifact = Artifact.load(v["dir"])
+            run = target.load(protector, artifact, key, factory, v["mode"])
+            run(x1)
+        except NotImplementedError as exc:
+            results[v["id"]] = {"note": str(exc)}
+            continue
+        cold = (time.perf_counter() - t0) * 1e3
+        peak = _rss_kb("VmHWM")
+        results[v["id"]] = {
+            "cold_start_ms": cold,
+            "peak_mem_mb": (peak - rss0) / 1024 if measure_mem and peak and rss0 else None,
+            "artifact_bytes": artifact.total_bytes - sum(len(artifact.files[n]) for n in artifact.meta.get(
+                "deploy_files", {})),
+            "secret_bytes": protector.secret_bytes(artifact), "note": ""}
+        runs[v["id"]] = run
+    ids = list(runs)
+    for i in ids:
+        for _ in range(prof.warmup):
+            runs[i](x1)
+    times: dict[str, list[float]] = {i: [] for i in ids}
+    start, rnd = time.perf_counter(), 0
+    while ids and (rnd < prof.min_queries or time.perf_counter() - start < prof.min_seconds):
+        order = ids[rnd % len(ids):] + ids[: rnd % len(ids)]
+        for i in order:
+            t0 = time.perf_counter_ns()
+            runs[i](x1)
+            times[i].append((time.perf_counter_ns() - t0) / 1e6)
+        rnd += 1
+    through: dict[str, list[float]] = {i: [] for i in ids}
+    for _ in range(3):
+        for i in ids:
+            through[i].append(_timed(runs[i], xb))
+    base = np.asarray(times.get(BASELINE, []))
+    for i in ids:
+        t = np.asarray(times[i])
+        r = results[i]
+        r.update(p50_ms=float(np.percentile(t, 50)), p90_ms=float(np.percentile(t, 90)),
+                 p99_ms=float(np.percentile(t, 99)), mean_ms=float(t.mean()), queries=len(t),
+                 throughput_ips=prof.throughput_batch / float(np.median(through[i])))
+        r["overhead"] = float(np.median(t / base)) if len(base) == len(t) else None
+    out = {"results": results, "threads": torch.get_num_threads()}
+    if job.get("gcm_probe"):
+        out["gcm_gbps"] = gcm_gbps()
+    print(json.dumps(out))
+
+
+# -- parent -----------------------------------------------------------------------------------------------------
+def _variants(runner) -> list[tuple[str, Any, str]]:
+    """(label, spec, mode) for ``none`` and every protector setting × mode in the config."""
+    from .config import PluginSpec
+
+    specs = [PluginSpec("none", {}, "none")] + [p for p in runner.cfg.protectors if p.label != "none"]
+    return [(s.label, s, m) for s in specs for m in protectors.protectors.get(s.name).modes]
+
+
+def _ctx_for_latency(model: torch.nn.Module, shape) -> PluginContext:
+    return PluginContext(model_factory=lambda: model, trainer=None, train_loader=(), calib_x=torch.zeros(0, *shape),
+                         num_classes=10, epochs=1, lock_sites=tuple(model.lock_sites),
+                         fold_producers=dict(model.fold_producers), device=torch.device("cpu"), seed=PROFILE_SEED,
+                         rng=np.random.default_rng(PROFILE_SEED), example_input=torch.zeros(1, *shape))
+
+
+def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str, Any]]:
+    """Artifacts (and ONNX files) for every variant of ``model_name``, cached by what determines them."""
+    from . import onnx_deploy
+
+    shape = input_shape(model_name)
+    factory = models.factory(model_name, shape[0], shape[1], 10, PROFILE_SEED)
+    out = {}
+    for label, spec, mode in _variants(runner):
+        vid = f"{label}|{mode}"
+        key = {"kind": "deploy", "model": model_name, "protector": spec.key(), "mode": mode, "onnx": onnx,
+               "key": config_hash(runner.key.hex()), "v": 2}
+        path = runner.cache.root / "deploy" / config_hash(key)
+        if not (path / "meta.json").exists():
+            protector = protectors.get(spec.name, **spec.params)
+            model = factory()
+            artifact = protector.protect_for_latency(model, _ctx_for_latency(model, shape), runner.key)
+            if onnx:
+                try:
+                    extra = onnx_deploy.build(protector, artifact, runner.key, factory, mode,
+                                              torch.zeros(1, *shape))
+                    artifact.add_deploy_files(extra)
+                except onnx_deploy.NotSupported:
+                    pass  # the ONNX target reports it as n/a
+            artifact.save(path)
+        out[vid] = {"id": vid, "label": label, "protector": spec.name, "params": spec.params, "mode": mode,
+                    "dir": str(path), "spec": spec}
+    return out
+
+
+def run_target(runner, model_name: str, target_name: str, variants: dict[str, dict]) -> dict[str, Any]:
+    """Run one (model, target) job in a child process; return its parsed JSON output."""
+    target = targets.get(target_name)()
+    shape = input_shape(model_name)
+    job = {"target": target_name, "profile": asdict(runner.cfg.profile),
+           "model_spec": {"name": model_name, "in_channels": shape[0], "image_size": shape[1], "num_classes": 10},
+           "variants": [{k: v for k, v in var.items() if k != "spec"} for var in variants.values()],
+           "gcm_probe": bool(target.env)}
+    env = {**os.environ, **target.env, KEY_ENV: runner.key.hex(), "PYTHONWARNINGS": "ignore"}
+    if target.threads == 1:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(job, fh)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.profiler", fh.name], env=env, capture_output=True,
+                              text=True, timeout=3600)
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"profiler child for {model_name} on {target_name} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_config(runner) -> int:
-    return 0
+    """Profile the config's models × protector settings × modes × targets; write one record per cell."""
+    prof = runner.cfg.profile
+    cells = []
+    for model_name in prof.models:
+        for target_name in prof.targets:
+            for label, spec, mode in _variants(runner):
+                cells.append({"kind": "profile", "model": model_name, "protector": label, "plugin": spec.key(),
+                              "mode": mode, "target": target_name, "profile": asdict(prof)})
+    todo = [c for c in cells if not runner.store.has(c)]
+    if not todo:
+        return 0
+    host_gcm = None
+    done = 0
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="profile", disable=not runner.progress,
+              unit="cell") as bar:
+        for model_name in prof.models:
+            deployments = None
+            for target_name in prof.targets:
+                mine = [c for c in todo if c["model"] == model_name and c["target"] == target_name]
+                if not mine:
+                    continue
+                target = targets.get(target_name)()
+                why = target.unavailable()
+                if why:
+                    for c in mine:
+                        runner.store.write(c, {"note": why})
+                        bar.update(1)
+                    continue
+                if deployments is None:
+                    onnx = any(targets.get(t).needs_onnx for t in prof.targets)
+                    deployments = build_deployments(runner, model_name, onnx)
+                out = run_target(runner, model_name, target_name, deployments)
+                extra_note = ""
+                if "gcm_gbps" in out:
+                    host_gcm = host_gcm or gcm_gbps()
+                    ok = out["gcm_gbps"] < 0.5 * host_gcm
+                    extra_note = (f"software AES {'verified' if ok else 'NOT in effect'}: AES-GCM "
+                                  f"{out['gcm_gbps']:.2f} GB/s vs {host_gcm:.2f} GB/s with AES-NI")
+                for c in mine:
+                    res = dict(out["results"].get(f"{c['protector']}|{c['mode']}", {"note": "not measured"}))
+                    res["note"] = "; ".join(n for n in (res.get("note", ""), extra_note) if n)
+                    res["threads"] = out.get("threads")
+                    runner.store.write(c, res)
+                    done += 1
+                    bar.update(1)
+    return done
+
+
+if __name__ == "__main__":
+    child(sys.argv[1])

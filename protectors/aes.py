@@ -35,7 +35,7 @@ def check_key(artifact: Artifact, key: bytes) -> None:
         raise KeyMaterialError(f"{artifact.where}: wrong key (key id {key_id(key)}, artifact needs {expected})")
 
 
-def _wipe(buf: bytearray) -> None:
+def wipe_buffer(buf: bytearray) -> None:
     ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
 
 
@@ -52,7 +52,7 @@ class PerInferenceModel(nn.Module):
         try:
             return self.model(x)
         finally:
-            _wipe(self.decryptor.buffer)
+            wipe_buffer(self.decryptor.buffer)
 
 
 @protectors.register()
@@ -84,7 +84,7 @@ class AesProtector(Protector):
         if mode == "load":
             model._aes_buffer = dec.buffer  # keep the buffer the parameters live in alive
             return model
-        _wipe(dec.buffer)
+        wipe_buffer(dec.buffer)
         return PerInferenceModel(model, dec).eval()
 
     def stolen(self, artifact, model_factory):

@@ -23,6 +23,7 @@ from .hashing import canonical_json, sha256_hex
 
 FORMAT = "edgepro-bench-artifact/1"
 META = "meta.json"
+DEPLOY_FILES = "deploy_files"
 
 
 @dataclass
@@ -44,8 +45,13 @@ class Artifact:
             raise ArtifactError(f"{self.where}: missing file {name}") from None
 
     def aad(self) -> bytes:
-        """Associated data for encrypted blobs: the canonical metadata."""
-        return canonical_json(self.meta)
+        """Associated data for encrypted blobs: the canonical metadata (less ``deploy_files``, added later)."""
+        return canonical_json({k: v for k, v in self.meta.items() if k != DEPLOY_FILES})
+
+    def add_deploy_files(self, files: dict[str, bytes]) -> None:
+        """Add runtime-specific files (e.g. ONNX graphs) after protection, each checked by its SHA-256 at load."""
+        self.files.update(files)
+        self.meta.setdefault(DEPLOY_FILES, {}).update({n: sha256_hex(b) for n, b in files.items()})
 
     @property
     def total_bytes(self) -> int:
@@ -78,13 +84,16 @@ class Artifact:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ArtifactError(f"{meta_path}: not an {FORMAT} artifact")
         files = {}
-        for name in meta.get("files", []):
+        deploy = meta.get(DEPLOY_FILES, {})
+        for name in list(meta.get("files", [])) + list(deploy):
             if "/" in name or name.startswith("."):
                 raise ArtifactError(f"{meta_path}: bad file name {name!r}")
             try:
                 files[name] = (path / name).read_bytes()
             except FileNotFoundError:
                 raise ArtifactError(f"{path / name}: missing from the artifact") from None
+            if name in deploy and sha256_hex(files[name]) != deploy[name]:
+                raise ArtifactError(f"{path / name}: SHA-256 mismatch, the file was tampered with or swapped")
         return cls(meta=meta, files=files, path=path)
 
 

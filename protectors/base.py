@@ -117,6 +117,14 @@ class Protector(ABC):
         """How close an attacker's ``guess`` of the secret is to the real one (reporting only)."""
         return {}
 
+    def protect_for_latency(self, model: nn.Module, ctx: PluginContext | None, key: bytes) -> Artifact:
+        """An artifact with the same layout and sizes as :meth:`protect`, for latency only (weights untrained).
+
+        Latency does not depend on the weights' values, so the profiler needs no dataset. Protectors whose
+        :meth:`protect` trains override this to skip the training.
+        """
+        return self.protect(model, ctx, key)  # type: ignore[arg-type]
+
     def secret_bytes(self, artifact: Artifact) -> int:
         """Bytes under encryption (what must be decrypted with the key)."""
         return 0

@@ -238,6 +238,15 @@ class EdgeProProtector(Protector):
         locked = self.lock_train(password, ctx)
         return self.package(locked, password, key)
 
+    def protect_for_latency(self, model: nn.Module, ctx: PluginContext | None, key: bytes) -> Artifact:
+        """A password drawn at random (right counts per site) on untrained weights: same layout, no training."""
+        p = self.params
+        sites = tuple(p.sites) if p.sites is not None else tuple(model.lock_sites)
+        widths = lock.site_widths(model, sites, ctx.example_input)
+        rng = np.random.default_rng(0)
+        neurons = {s: select_neurons(rng.permutation(n), p.gamma, p.pool, rng) for s, n in widths.items()}
+        return self.package(model, Password(neurons, widths, p.lock_value, p.scale), key)
+
     def package(self, model: nn.Module, password: Password, key: bytes) -> Artifact:
         weights = state_bytes(model)
         public = {k: v for k, v in self.param_dict().items() if k not in SECRET_PARAMS}
@@ -265,7 +274,11 @@ class EdgeProProtector(Protector):
         model = self._weights(artifact, model_factory)
         if mode == "fold":
             return fold_password(model, password, getattr(model, "fold_producers", {}))
-        return apply_password(model, password).eval()
+        try:
+            return lock.install_fixed(model, password.masks()).eval()
+        except KeyError as exc:
+            raise ArtifactError(f"{artifact.where}: password names lock site {exc.args[0]!r}, "
+                                "which the model does not have") from None
 
     def stolen(self, artifact, model_factory):
         self.check_artifact(artifact)

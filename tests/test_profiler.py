@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import protectors
+from bench import models, onnx_deploy, profiler
+from bench.targets import SOFT_AES_MASK, targets
+from protectors.artifact import Artifact
+from protectors.lock import MaskedSite
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return models.factory("lenet5", 1, 28, 10, 0)
+
+
+@pytest.mark.parametrize("name,mode", [("none", "default"), ("aes", "load"), ("aes", "per-inference"),
+                                       ("edgepro", "mask"), ("edgepro", "fold")])
+def test_onnx_deployment_matches_torch(lenet, name, mode, tmp_path):
+    p = protectors.get(name)
+    m = lenet()
+    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
+    art.add_deploy_files(onnx_deploy.build(p, art, KEY, lenet, mode, torch.zeros(1, 1, 28, 28)))
+    art = Artifact.load(art.save(tmp_path / "a"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = p.deploy(art, KEY, lenet, None if mode == "default" else mode)(x.clone()).numpy()
+    run = onnx_deploy.load(p, art, KEY, lenet, mode)
+    np.testing.assert_allclose(run(x.numpy()), ref, atol=1e-5)
+    np.testing.assert_allclose(run(x[:1].numpy()), ref[:1], atol=1e-5)  # batch is dynamic
+    if name == "edgepro":
+        # The password is not baked into the ONNX file: the mask graph takes masks as inputs.
+        assert b"password" not in art.files["model.onnx"]
+        pw = p.password(art, KEY)
+        if mode == "mask":
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(art.files["model.onnx"], providers=["CPUExecutionProvider"])
+            assert len(sess.get_inputs()) == 1 + len(pw.neurons)
+
+
+def test_onnx_deploy_file_tamper_detected(lenet, tmp_path):
+    p = protectors.get("none")
+    m = lenet()
+    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
+    art.add_deploy_files(onnx_deploy.build(p, art, KEY, lenet, "default", torch.zeros(1, 1, 28, 28)))
+    path = art.save(tmp_path / "a")
+    data = bytearray((path / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(protectors.ArtifactError, match="model.onnx: SHA-256 mismatch"):
+        Artifact.load(path)
+
+
+def test_edgepro_mask_deploy_is_one_inplace_mul_per_site(lenet):
+    p = protectors.get("edgepro")
+    m = lenet()
+    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
+    dep = p.deploy(art, KEY, lenet, "mask")
+    sites = [mod for mod in dep.modules() if isinstance(mod, MaskedSite)]
+    assert len(sites) == 4
+    with torch.no_grad():
+        out = dep(torch.randn(1, 1, 28, 28))
+    assert out.shape == (1, 10)
+
+
+def test_targets_registered_and_cuda_skips_cleanly():
+    assert {"torch-cpu-1t", "torch-cpu", "onnxruntime-cpu-1t", "cuda", "torch-cpu-1t-soft-aes"} <= set(targets.names())
+    cuda = targets.get("cuda")()
+    if not torch.cuda.is_available():
+        assert "no CUDA" in cuda.unavailable()
+    assert targets.get("torch-cpu-1t-soft-aes").env == {"OPENSSL_ia32cap": SOFT_AES_MASK}
+
+
+def test_profile_run_writes_overhead_records(tmp_path):
+    from bench import config
+    from bench.runner import Runner
+
+    cfg_path = tmp_path / "p.toml"
+    cfg_path.write_text("""
+datasets = ["digits"]
+[[protectors]]
+name = "edgepro"
+[profile]
+targets = ["torch-cpu-1t", "cuda"]
+models = ["lenet5"]
+min_queries = 20
+min_seconds = 0.0
+warmup = 2
+throughput_batch = 4
+""")
+    cfg = config.load(str(cfg_path))
+    runner = Runner(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    assert profiler.run_config(runner) == 6  # 3 variants x 2 targets (cuda: one "skipped" record each)
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "run" / "records").glob("*.json")]
+    cpu = {(r["cell"]["protector"], r["cell"]["mode"]): r["result"] for r in recs
+           if r["cell"]["target"] == "torch-cpu-1t"}
+    assert set(cpu) == {("none", "default"), ("edgepro", "mask"), ("edgepro", "fold")}
+    for res in cpu.values():
+        assert res["queries"] >= 20 and 0 < res["p50_ms"] <= res["p90_ms"] <= res["p99_ms"]
+        assert res["cold_start_ms"] > 0 and res["overhead"] > 0
+    assert cpu[("none", "default")]["overhead"] == 1.0
+    if not torch.cuda.is_available():
+        assert all("no CUDA" in r["result"]["note"] for r in recs if r["cell"]["target"] == "cuda")
