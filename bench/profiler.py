@@ -254,6 +254,7 @@ def run_config(runner) -> int:
                 if why:
                     for c in mine:
                         runner.store.write(c, {"note": why})
+                        done += 1
                         bar.update(1)
                     continue
                 if deployments is None:
