@@ -137,7 +137,10 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
             raise _unknown(src, k, TOP_KEYS)
     names = {}
     for key, registry, default in (("datasets", datasets, None), ("models", models, ["lenet5"])):
-        value = _list_of(f"{src}: {key}", raw.get(key, default), str) if key in raw or default is None else default
+        # A profile-only config (latency needs no data) may have no datasets.
+        empty_ok = key == "datasets" and bool(raw.get("profile", {}).get("targets"))
+        value = (_list_of(f"{src}: {key}", raw.get(key, default), str, allow_empty=empty_ok)
+                 if key in raw or default is None else default)
         for i, n in enumerate(value):
             try:
                 registry.get(n)

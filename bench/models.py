@@ -35,19 +35,19 @@ class LeNet5(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.relu1 = nn.ReLU()
+        self.relu1 = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool2d(2)
         half = image_size // 2
         pad2 = 0 if half >= 10 else 2
         self.conv2 = nn.Conv2d(6, 16, 5, padding=pad2)
-        self.relu2 = nn.ReLU()
+        self.relu2 = nn.ReLU(inplace=True)
         self.pool2 = nn.MaxPool2d(2)
         side = (half + 2 * pad2 - 4) // 2
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(16 * side * side, 120)
-        self.relu3 = nn.ReLU()
+        self.relu3 = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(120, 84)
-        self.relu4 = nn.ReLU()
+        self.relu4 = nn.ReLU(inplace=True)
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

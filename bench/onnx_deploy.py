@@ -92,6 +92,29 @@ def _session(model_bytes: bytes, threads: int):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
+def _bound(sess, constants: dict[str, np.ndarray] | None = None) -> Runner:
+    """``run(x)`` through an I/O binding with the constant inputs (masks, weight views) bound once.
+
+    Binding a NumPy array does not copy it, so a bound weight view sees every later decryption into its buffer.
+    """
+    binding = sess.io_binding()
+    for name, array in (constants or {}).items():
+        binding.bind_cpu_input(name, array)
+    out_name = sess.get_outputs()[0].name
+    batch = [None]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.shape[0] != batch[0]:  # the bound output is reused while the batch size stays the same
+            binding.bind_output(out_name)
+            batch[0] = x.shape[0]
+        binding.bind_cpu_input("x", x)
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    run.keep = constants  # the bound arrays must outlive the binding
+    return run
+
+
 def _replace_initializers(model_bytes: bytes, values: dict[str, np.ndarray]) -> bytes:
     """The ONNX model with some initializers replaced (ORT's ``add_initializer`` is ignored for prepacked convs)."""
     import onnx
@@ -114,8 +137,10 @@ def build(protector: Protector, artifact: Artifact, key: bytes, factory: ModelFa
     if name == "edgepro" and mode == "mask":
         model = protector.deploy(artifact, key, factory, "mask")
         sites = sorted(lock.sites_of(model))
-        masks = tuple(model.get_submodule(s).mask for s in sites)
-        return {"model.onnx": export(_MaskInputs(model, sites), example, list(masks)),
+        with torch.no_grad():
+            model(example)  # each site learns its activation's rank; masks are fed already shaped to broadcast
+        masks = [model.get_submodule(s).view for s in sites]
+        return {"model.onnx": export(_MaskInputs(model, sites), example, masks),
                 "graph_inputs.txt": "\n".join(sites).encode()}
     if name == "edgepro" and mode == "fold":
         model = protector.stolen(artifact, factory)  # the lock-trained weights as stored, without masks
@@ -144,15 +169,15 @@ def load(protector: Protector, artifact: Artifact, key: bytes, factory: ModelFac
     name = protector.name
     if name == "none":
         artifact.check_hashes()
-        sess = _session(artifact.file("model.onnx"), threads)
-        return lambda x: sess.run(None, {"x": x})[0]
+        return _bound(_session(artifact.file("model.onnx"), threads))
     if name == "edgepro" and mode == "mask":
         password = protector.password(artifact, key)
         sess = _session(artifact.file("model.onnx"), threads)
         sites = artifact.file("graph_inputs.txt").decode().split("\n")
-        wanted = {i.name for i in sess.get_inputs()}
-        feed = {f"rest_{i}": password.mask(s).numpy() for i, s in enumerate(sites) if f"rest_{i}" in wanted}
-        return lambda x: sess.run(None, {"x": x, **feed})[0]
+        shapes = {i.name: i.shape for i in sess.get_inputs()}
+        feed = {f"rest_{i}": password.mask(s).numpy().reshape(shapes[f"rest_{i}"])
+                for i, s in enumerate(sites) if f"rest_{i}" in shapes}
+        return _bound(sess, feed)
     if name == "edgepro" and mode == "fold":
         # Fold at load: the producers' weights, scaled by the password's masks, override the ONNX initializers.
         from safetensors.numpy import load as np_load
@@ -170,13 +195,11 @@ def load(protector: Protector, artifact: Artifact, key: bytes, factory: ModelFac
                 if w is not None:
                     folded[f"{producers[site]}.{suffix}"] = np.ascontiguousarray(
                         w * mask.reshape(-1, *([1] * (w.ndim - 1))))
-        sess = _session(_replace_initializers(artifact.file("model.onnx"), folded), threads)
-        return lambda x: sess.run(None, {"x": x})[0]
+        return _bound(_session(_replace_initializers(artifact.file("model.onnx"), folded), threads))
     if name == "aes" and mode == "load":
         plain = decrypt(key, artifact.file("model.onnx.enc"), artifact.aad() + b"|onnx",
                         f"{artifact.where}/model.onnx.enc")
-        sess = _session(plain, threads)
-        return lambda x: sess.run(None, {"x": x})[0]
+        return _bound(_session(plain, threads))
     if name == "aes" and mode == "per-inference":
         dec: GcmDecryptor = protector.decryptor(artifact, key)
         views = safetensors_views(dec.decrypt(), f"{artifact.where}/model.enc")
@@ -185,11 +208,12 @@ def load(protector: Protector, artifact: Artifact, key: bytes, factory: ModelFac
         wanted = {i.name for i in sess.get_inputs()}
         arrays = {f"rest_{i}": views[n].numpy() for i, n in enumerate(names) if f"rest_{i}" in wanted}
         wipe_buffer(dec.buffer)
+        inner = _bound(sess, arrays)
 
         def run(x: np.ndarray) -> np.ndarray:
             dec.decrypt()
             try:
-                return sess.run(None, {"x": x, **arrays})[0]
+                return inner(x)
             finally:
                 wipe_buffer(dec.buffer)
 

@@ -39,7 +39,8 @@ class LockedSite(nn.Module):
         if self.batch_mask is not None:
             return out * self.batch_mask.view(out.shape[0], out.shape[1], *([1] * (out.dim() - 2)))
         if self.external is not None:
-            return out * self.external.view(1, -1, *([1] * (out.dim() - 2)))
+            ext = self.external
+            return out * (ext if ext.dim() == out.dim() else ext.view(1, -1, *([1] * (out.dim() - 2))))
         mask = self.mask
         if mask is None:
             return out
@@ -72,12 +73,18 @@ class MaskedSite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fn(x)
-        if self.external is not None:
-            return out * self.external.view(1, -1, *([1] * (out.dim() - 2)))
         v = self.view
-        if v is None or v.device != out.device:
-            v = self.view = self.mask.to(out.device).view(1, -1, *([1] * (out.dim() - 2)))
+        if v is None or self.external is not None:
+            return self._first(out)
         return out.mul_(v)
+
+    def _first(self, out: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *([1] * (out.dim() - 2)))
+        if self.external is not None:
+            ext = self.external
+            return out * (ext if ext.dim() == out.dim() else ext.view(shape))
+        self.view = self.mask.to(out.device).view(shape)
+        return out.mul_(self.view)
 
     def _apply(self, fn, recurse=True):
         self.mask, self.view = fn(self.mask), None
