@@ -52,6 +52,16 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """One dataset × model pair with its training budget."""
+
+    dataset: str
+    model: str
+    train: TrainConfig
+    train_subset: int | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     source: str
@@ -64,10 +74,12 @@ class RunConfig:
     profile: ProfileConfig
     train_subset: int | None = None
     attack_seeds: list[int] | None = None
+    experiments: list[Experiment] = field(default_factory=list)
 
 
 TOP_KEYS = {"name", "description", "datasets", "models", "seeds", "attack_seeds", "train", "train_subset",
-            "protectors", "attacks", "profile"}
+            "protectors", "attacks", "profile", "experiments"}
+EXPERIMENT_KEYS = {"dataset", "model", "train", "train_subset"}
 
 
 def _unknown(where: str, key: str, allowed) -> ConfigError:
@@ -137,8 +149,11 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
             raise _unknown(src, k, TOP_KEYS)
     names = {}
     for key, registry, default in (("datasets", datasets, None), ("models", models, ["lenet5"])):
-        # A profile-only config (latency needs no data) may have no datasets.
-        empty_ok = key == "datasets" and bool(raw.get("profile", {}).get("targets"))
+        # A profile-only config (latency needs no data), or one listing [[experiments]], may have no datasets.
+        empty_ok = key == "datasets" and (bool(raw.get("profile", {}).get("targets")) or "experiments" in raw)
+        if key == "datasets" and "experiments" in raw and key not in raw:
+            names[key] = []
+            continue
         value = (_list_of(f"{src}: {key}", raw.get(key, default), str, allow_empty=empty_ok)
                  if key in raw or default is None else default)
         for i, n in enumerate(value):
@@ -168,12 +183,46 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
                 registry.get(n)
             except ConfigError as exc:
                 raise ConfigError(f"{src}: profile.{key}[{i}]: {exc}") from None
+    experiments = [Experiment(d, m, train, subset) for d in names["datasets"] for m in names["models"]]
+    if "experiments" in raw:
+        experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
         name=str(raw.get("name", Path(src).stem)), source=src, datasets=names["datasets"], models=names["models"],
         seeds=seeds, attack_seeds=attack_seeds, train=train, train_subset=subset, profile=profile,
+        experiments=experiments,
         protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry),
         attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry),
     )
+
+
+def _experiments(src: str, entries: Any, train_raw: dict, subset: int | None, datasets, models) -> list[Experiment]:
+    """``[[experiments]]``: explicit dataset/model pairs, each with training overrides on top of ``[train]``."""
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{src}: 'experiments' must be a non-empty array of tables ([[experiments]])")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"{src}: experiments[{i}]"
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for k in e:
+            if k not in EXPERIMENT_KEYS:
+                raise _unknown(where, k, EXPERIMENT_KEYS)
+        for k, registry in (("dataset", datasets), ("model", models)):
+            if not isinstance(e.get(k), str):
+                raise ConfigError(f"{where}.{k}: required, a string")
+            try:
+                registry.get(e[k])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{k}: {exc}") from None
+        over = e.get("train", {})
+        if not isinstance(over, dict):
+            raise ConfigError(f"{where}.train: must be a table")
+        train = build_params(TrainConfig, {**train_raw, **over}, f"{where}.train")
+        sub = e.get("train_subset", subset)
+        if sub is not None and (not isinstance(sub, int) or sub < 1):
+            raise ConfigError(f"{where}.train_subset: must be a positive integer, got {sub!r}")
+        out.append(Experiment(e["dataset"], e["model"], train, sub))
+    return out
 
 
 def resolve(name_or_path: str) -> Path:

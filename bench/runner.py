@@ -27,27 +27,33 @@ from protectors.seeding import seed_everything
 
 from . import data, models
 from .cache import Cache
-from .config import PluginSpec, RunConfig
+from .config import Experiment, PluginSpec, RunConfig
 from .records import RecordStore
 from .training import Trainer
 
 CALIB_SIZE = 200
 
 
+def train_key(train) -> dict[str, Any]:
+    """The training config as it enters cache keys and cell hashes (unset options left out, so adding an option
+    does not invalidate earlier results)."""
+    return {k: v for k, v in asdict(train).items() if v is not None}
+
+
 class Workbench:
     """Everything about one (dataset, model, seed): data, the clean model, and protected artifacts (lazy, cached)."""
 
-    def __init__(self, runner: Runner, dataset: str, model: str, seed: int):
-        self.runner, self.dataset, self.model_name, self.seed = runner, dataset, model, seed
-        cfg = runner.cfg
-        self.trainer = Trainer(cfg.train, progress=runner.progress)
-        self.base_key = {"dataset": dataset, "model": model, "seed": seed, "train": asdict(cfg.train),
-                         "train_subset": cfg.train_subset}
+    def __init__(self, runner: Runner, exp: Experiment, seed: int):
+        self.runner, self.exp, self.seed = runner, exp, seed
+        self.dataset, self.model_name, self.train_cfg = exp.dataset, exp.model, exp.train
+        self.trainer = Trainer(exp.train, progress=runner.progress)
+        self.base_key = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
+                         "train_subset": exp.train_subset}
 
     @functools.cached_property
     def splits(self) -> data.Splits:
         return data.load(self.dataset, self.runner.data_root, seed=self.seed, download=self.runner.download,
-                         train_subset=self.runner.cfg.train_subset)
+                         train_subset=self.exp.train_subset)
 
     @property
     def info(self) -> data.DatasetInfo:
@@ -59,7 +65,7 @@ class Workbench:
                               self.seed if init_seed is None else init_seed)
 
     def loader(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> data.BatchLoader:
-        return data.BatchLoader(x, y, self.runner.cfg.train.batch_size, seed, augment=self.splits.augment)
+        return data.BatchLoader(x, y, self.train_cfg.batch_size, seed, augment=self.splits.augment)
 
     @functools.cached_property
     def clean(self) -> torch.nn.Module:
@@ -76,7 +82,7 @@ class Workbench:
         return PluginContext(
             model_factory=self.factory(), trainer=self.trainer,
             train_loader=self.loader(s.train_x, s.train_y, self.seed + 1), calib_x=calib,
-            num_classes=self.info.num_classes, epochs=self.runner.cfg.train.epochs,
+            num_classes=self.info.num_classes, epochs=self.train_cfg.epochs,
             lock_sites=tuple(probe.lock_sites), fold_producers=dict(probe.fold_producers),
             device=self.trainer.device, seed=self.seed, rng=np.random.default_rng(self.seed),
             example_input=s.train_x[:1])
@@ -135,38 +141,38 @@ class Runner:
             return create_key_file(root / "device.key")
 
     # -- the matrix ---------------------------------------------------------------------------------------------
-    def cells(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def cells(self) -> Iterator[tuple[str, Experiment, dict[str, Any]]]:
         cfg = self.cfg
         attack_seeds = cfg.attack_seeds or [0]
-        for dataset in cfg.datasets:
-            for model in cfg.models:
-                for seed in cfg.seeds:
-                    base = {"dataset": dataset, "model": model, "seed": seed, "train": asdict(cfg.train),
-                            "train_subset": cfg.train_subset}
-                    for p in cfg.protectors:
-                        yield "effectiveness", {"kind": "effectiveness", **base, "protector": p.key(), "label": p.label}
-                        for a in cfg.attacks:
-                            attack = attack_registry.get(a.name)(**a.params)
-                            for param in attack.cells():
-                                for aseed in attack_seeds:
-                                    yield "attack", {"kind": "attack", **base, "protector": p.key(),
-                                                     "label": p.label, "attack": a.key(), "attack_label": a.label,
-                                                     "param": param, "attack_seed": aseed}
+        for exp in cfg.experiments:
+            for seed in cfg.seeds:
+                base = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
+                        "train_subset": exp.train_subset}
+                for p in cfg.protectors:
+                    yield "effectiveness", exp, {"kind": "effectiveness", **base, "protector": p.key(),
+                                                 "label": p.label}
+                    for a in cfg.attacks:
+                        attack = attack_registry.get(a.name)(**a.params)
+                        for param in attack.cells():
+                            for aseed in attack_seeds:
+                                yield "attack", exp, {"kind": "attack", **base, "protector": p.key(),
+                                                      "label": p.label, "attack": a.key(), "attack_label": a.label,
+                                                      "param": param, "attack_seed": aseed}
 
     def run(self) -> dict[str, int]:
         from . import profiler, report
 
         cells = list(self.cells())
-        todo = [(k, c) for k, c in cells if not self.store.has(c)]
+        todo = [(k, e, c) for k, e, c in cells if not self.store.has(c)]
         benches: dict[tuple, Workbench] = {}
         done = 0
         with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
                   disable=not self.progress, unit="cell") as bar:
-            for kind, cell in todo:
-                wb_key = (cell["dataset"], cell["model"], cell["seed"])
+            for kind, exp, cell in todo:
+                wb_key = (exp, cell["seed"])
                 if wb_key not in benches:
                     benches.clear()  # one dataset in memory at a time
-                    benches[wb_key] = Workbench(self, *wb_key)
+                    benches[wb_key] = Workbench(self, exp, cell["seed"])
                 wb = benches[wb_key]
                 spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
                 if kind == "effectiveness":

@@ -22,6 +22,8 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    #: period of the cosine schedule (the paper's code: 50 with 40 epochs); default: the number of epochs
+    cosine_t_max: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -45,7 +47,7 @@ class Trainer:
         model.to(self.device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max or epochs)
         step = step or (lambda m, x, y: F.cross_entropy(m(x), y))
         total = epochs * len(loader) if hasattr(loader, "__len__") else None
         with tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="batch") as bar:
