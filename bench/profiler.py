@@ -118,6 +118,9 @@ def child(job_path: str) -> None:
         except NotImplementedError as exc:
             results[v["id"]] = {"note": str(exc)}
             continue
+        except protectors.ConfigError as exc:  # e.g. fold mode on a model whose sites cannot be folded
+            results[v["id"]] = {"note": f"n/a: {exc}"}
+            continue
         cold = (time.perf_counter() - t0) * 1e3
         peak = _rss_kb("VmHWM")
         results[v["id"]] = {

@@ -1,27 +1,74 @@
-"""``python -m bench report DIR``: tables (and REPORT.md) rebuilt from DIR/records alone."""
+"""``python -m bench report DIR``: tables, plots and REPORT.md rebuilt from DIR/records alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from protectors.atomic import atomic_write_text
 
-from . import tables
+from . import plots, tables
 from .records import RecordStore
+
+PLOT_TITLES = {"security_vs_cost": "Security vs cost", "finetune": "Fine-tuning vs scratch",
+               "pruning": "Accuracy vs pruning ratio", "guessing": "Password guessing", "overhead": "Latency overhead"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]:
+    """Plain-language findings, each sentence computed from the tables."""
+    lines = []
+    if len(eff):
+        worst = plots.worst_case(eff, att)
+        for _, e in eff.iterrows():
+            w = worst[(worst["dataset"] == e["dataset"]) & (worst["model"] == e["model"])
+                      & (worst["protector"] == e["protector"])].iloc[0]
+            s = (f"**{e['protector']}** on {e['dataset']}/{e['model']}: authorized accuracy {e['auth_acc']:.3f} "
+                 f"(loss {e['acc_loss']:+.3f} vs clean {e['clean_acc']:.3f}); a thief running the copied artifact "
+                 f"gets {e['stolen_acc']:.3f}")
+            if w["worst_attack"] != "none" and not np.isnan(w["worst_gain"]):
+                share = w["worst_stolen_acc"] / e["clean_acc"] if e["clean_acc"] else np.nan
+                s += (f"; the strongest attack ({w['worst_attack']}) reaches {w['worst_stolen_acc']:.3f}, "
+                      f"{_pct(share)} of clean accuracy, {w['worst_gain']:+.3f} over training from scratch")
+                if e["protector"] != "none" and share >= 0.9 and w["worst_gain"] > 0.1:
+                    s += " — **this attack breaks the protection at this budget**"
+            lines.append(s + ".")
+    if len(ov):
+        d = ov.dropna(subset=["overhead"])
+        d = d[d["protector"] != "none"]
+        for (model, target), g in d.groupby(["model", "target"], sort=False):
+            parts = [f"{r['protector']} {r['mode']} ×{r['overhead']:.3f}" for _, r in g.iterrows()]
+            lines.append(f"Latency overhead, {model} on {target} (p50 ratio vs none, interleaved): "
+                         + ", ".join(parts) + ".")
+    return lines
 
 
 def write(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = RecordStore(run_dir).load_all()
-    frames = {"effectiveness": (tables.effectiveness(records), tables.EFFECTIVENESS),
-              "attacks": (tables.attacks(records), tables.ATTACKS),
-              "overhead": (tables.overhead(records), tables.OVERHEAD)}
-    parts = [f"# Report: {run_dir.name}\n", f"Built from {len(records)} records in `records/`.\n"]
+    eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
+    frames = {"effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
+              "overhead": (ov, tables.OVERHEAD)}
+    made = plots.write_all(records, run_dir / "plots")
+    parts = [f"# Report: {run_dir.name}\n",
+             f"Built by `python -m bench report {run_dir}` from {len(records)} records in `records/` "
+             "(accuracies are fractions; `mean ± std` over seeds where there are several).\n"]
+    found = summary(eff, att, ov)
+    if found:
+        parts.append("## Summary\n\n" + "\n".join(f"- {s}" for s in found) + "\n")
+    for name, files in made.items():
+        png = next(p for p in files if p.suffix == ".png")
+        parts.append(f"## {PLOT_TITLES.get(name, name)}\n\n![{name}](plots/{png.name})\n")
     for name, (df, cols) in frames.items():
         if len(df) == 0:
             continue
         tables.write(df, cols, run_dir / "tables" / name)
-        parts.append(f"## {name.capitalize()}\n\n{tables.display(df, cols).to_markdown(index=False)}\n")
+        parts.append(f"## Table: {name}\n\n{tables.display(df, cols).to_markdown(index=False)}\n")
     path = run_dir / "REPORT.md"
     atomic_write_text(path, "\n".join(parts))
     return path
