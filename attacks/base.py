@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from protectors.artifact import Artifact
-from protectors.base import ModelFactory, Protector, Trainer, build_params
+from protectors.base import Configurable, ModelFactory, Protector, Trainer
 
 
 @dataclasses.dataclass
@@ -74,24 +74,12 @@ class Outcome:
     guess: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class NoParams:
-    pass
-
-
-class Attack(ABC):
+class Attack(Configurable, ABC):
     """Base class of attacks. Subclasses set ``name``, ``Params`` and, if limited, ``applies_to``."""
 
-    name: ClassVar[str]
-    Params: ClassVar[type] = NoParams
+    kind = "attack"
     #: protector names this attack applies to (``None``: every protector).
     applies_to: ClassVar[tuple[str, ...] | None] = None
-
-    def __init__(self, **params: Any):
-        self.params = build_params(self.Params, params, where=f"attack {self.name!r}")
-
-    def param_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.params)
 
     def not_applicable(self, protector: Protector, artifact: Artifact) -> str | None:
         """Why this attack does not apply to ``protector`` (shown in the table), or ``None`` if it does."""

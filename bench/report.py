@@ -53,7 +53,7 @@ def write(run_dir: str | Path) -> Path:
     records = RecordStore(run_dir).load_all()
     eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
     frames = {"effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
-              "overhead": (ov, tables.OVERHEAD)}
+              "overhead": (ov, tables.OVERHEAD_SHOWN)}
     made = plots.write_all(records, run_dir / "plots")
     parts = [f"# Report: {run_dir.name}\n",
              f"Built by `python -m bench report {run_dir}` from {len(records)} records in `records/` "

@@ -19,6 +19,8 @@ EFFECTIVENESS = ["dataset", "model", "protector", "clean_acc", "auth_acc", "acc_
 ATTACKS = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "auth_acc_after", "scratch_acc",
            "gain"]
 OVERHEAD = ["model", "protector", "mode", "target", "p50_ms", "p90_ms", "p99_ms", "cold_start_ms", "overhead"]
+#: shown in Markdown/LaTeX besides the contract's columns
+OVERHEAD_SHOWN = OVERHEAD + ["mean_ms", "throughput_ips", "peak_mem_mb"]
 
 
 def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
@@ -76,7 +78,7 @@ def overhead(records: list[dict]) -> pd.DataFrame:
 
 
 BUILTIN_ORDER = ["none", "aes", "edgepro"]
-WHOLE = {"secret_bytes", "artifact_bytes", "n"}
+WHOLE = {"secret_bytes", "artifact_bytes", "n", "throughput_ips"}
 
 
 def _rank(value: Any) -> tuple:
@@ -91,7 +93,7 @@ def _fmt(v: Any, std: Any = None, digits: int = 3, column: str = "") -> str:
         return "—"
     if column in WHOLE:
         return f"{v:,.0f}"
-    if column == "keyspace_bits":
+    if column in ("keyspace_bits", "peak_mem_mb"):
         return f"{v:.1f}"
     if isinstance(v, (float, np.floating)):
         s = f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"

@@ -64,20 +64,27 @@ class NoParams:
     pass
 
 
-class Protector(ABC):
-    """Base class of protectors. Subclasses set ``name``, ``Params`` (a dataclass) and ``modes``."""
+class Configurable:
+    """A plugin with declared parameters (a dataclass ``Params``), validated at construction."""
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "plugin"
     Params: ClassVar[type] = NoParams
-    modes: ClassVar[tuple[str, ...]] = ("default",)
-    #: whether the secret applies to modified weights (e.g. a fine-tuned stolen copy).
-    reapplies_to_weights: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
-        self.params = build_params(self.Params, params, where=f"protector {self.name!r}")
+        self.params = build_params(self.Params, params, where=f"{self.kind} {self.name!r}")
 
     def param_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
+
+
+class Protector(Configurable, ABC):
+    """Base class of protectors. Subclasses set ``name``, ``Params`` (a dataclass) and ``modes``."""
+
+    kind = "protector"
+    modes: ClassVar[tuple[str, ...]] = ("default",)
+    #: whether the secret applies to modified weights (e.g. a fine-tuned stolen copy).
+    reapplies_to_weights: ClassVar[bool] = False
 
     def check_artifact(self, artifact: Artifact) -> None:
         if artifact.meta.get("protector") != self.name:
