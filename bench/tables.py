@@ -73,7 +73,7 @@ def overhead(records: list[dict]) -> pd.DataFrame:
              "note": r["result"].get("note", "")}
             for r in records if r["cell"].get("kind") == "profile"]
     numeric = sorted({k for row in rows for k in row if k not in OVERHEAD[:4] and k != "note"})
-    numeric = [c for c in OVERHEAD[4:] if c in numeric] + [c for c in numeric if c not in OVERHEAD]
+    numeric = OVERHEAD[4:] + [c for c in numeric if c not in OVERHEAD]
     return _aggregate(rows, OVERHEAD[:4], numeric, extra_first=["note"])
 
 
