@@ -34,10 +34,13 @@ class GuessParams:
     lock_value: float = 0.0
     #: epochs the scratch baseline trains on the same thief data (guessing itself trains nothing)
     scratch_epochs: int = 10
+    #: test images (a fixed stratified sample) on which every guess is scored for the per-guess statistics; the
+    #: chosen guess is scored on the whole test set by the harness
+    stats_samples: int = 2000
 
     def validate(self) -> None:
-        if self.guesses < 1:
-            raise ValueError(f"parameter 'guesses' must be >= 1, got {self.guesses}")
+        if self.guesses < 1 or self.stats_samples < 1:
+            raise ValueError("parameters 'guesses' and 'stats_samples' must be >= 1")
         _fractions_ok([self.fraction])
         if not 0 < self.gamma <= 1 or not 0 < self.pool <= 1:
             raise ValueError("parameters 'gamma' and 'pool' must be in (0, 1]")
@@ -51,6 +54,17 @@ def site_widths(model: nn.Module, sites, example: torch.Tensor) -> dict[str, int
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
     correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
     return correct / max(1, len(x))
+
+
+def stratified_sample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """About ``n`` samples, the same share of every class, fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(y):
+        idx = (y == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[: max(1, round(n * len(idx) / len(y)))]])
+    keep = torch.sort(torch.cat(keep)).values
+    return x[keep], y[keep]
 
 
 class _GuessAttack(Attack):
@@ -79,17 +93,20 @@ class _GuessAttack(Attack):
         rng = np.random.default_rng(ctx.seed)
         model = copy.deepcopy(stolen)
         sites = lock.install(model, ctx.lock_sites)
+        tx, ty = ctx.test_x, ctx.test_y
+        if len(tx) > p.stats_samples:
+            tx, ty = stratified_sample(tx, ty, p.stats_samples, ctx.seed)
         scores = []
         for neurons in self.draw(stolen, ctx, x, widths, rng):
             pw = Password(neurons, widths, p.lock_value, 1.0)
             for name, site in sites.items():
                 site.set_mask(pw.mask(name))
-            scores.append((accuracy(model, x, y), accuracy(model, ctx.test_x, ctx.test_y), pw))
+            scores.append((accuracy(model, x, y), accuracy(model, tx, ty), pw))
         test_accs = np.array([s[1] for s in scores])
         best = max(scores, key=lambda s: s[0])
         best_model = apply_password(copy.deepcopy(stolen), best[2])
         extra = {"best_test_acc": float(test_accs.max()), "median_test_acc": float(np.median(test_accs)),
-                 "guesses": len(scores), "test_accs": test_accs.round(4).tolist()}
+                 "guesses": len(scores), "test_accs": test_accs.round(4).tolist(), "stats_samples": len(tx)}
         return Outcome(cell, best_model, (p.fraction, p.scratch_epochs), extra=extra,
                        guess=best[2])
 

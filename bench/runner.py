@@ -49,6 +49,7 @@ class Workbench:
         self.trainer = Trainer(exp.train, progress=runner.progress)
         self.base_key = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
                          "train_subset": exp.train_subset}
+        self._scratch: dict[tuple, float] = {}
 
     @functools.cached_property
     def splits(self) -> data.Splits:
@@ -100,8 +101,18 @@ class Workbench:
     def thief_data(self, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return data.subset(self.splits.train_x, self.splits.train_y, fraction, seed)
 
+    @functools.cached_property
+    def clean_acc(self) -> float:
+        return self.trainer.evaluate(self.clean, self.splits.test_x, self.splits.test_y)
+
     def scratch_acc(self, fraction: float, epochs: int, seed: int) -> float:
         """Accuracy of the thief's own model: random init, trained on the thief's subset with the same budget."""
+        key = (fraction, epochs, seed)
+        if key not in self._scratch:
+            self._scratch[key] = self._scratch_acc(fraction, epochs, seed)
+        return self._scratch[key]
+
+    def _scratch_acc(self, fraction: float, epochs: int, seed: int) -> float:
         def train(m):
             seed_everything(seed)
             x, y = self.thief_data(fraction, seed)
@@ -193,7 +204,7 @@ class Runner:
         protector, artifact = wb.artifact(spec)
         protect_s = time.perf_counter() - t0
         s, fac = wb.splits, wb.factory()
-        clean_acc = wb.trainer.evaluate(wb.clean, s.test_x, s.test_y)
+        clean_acc = wb.clean_acc
         modes = {m: wb.trainer.evaluate(protector.deploy(artifact, self.key, fac, m), s.test_x, s.test_y)
                  for m in protector.modes}
         auth_acc = modes[protector.modes[0]]
@@ -229,7 +240,7 @@ class Runner:
         if o.guess is not None:
             extra.update(protector.compare_secret(artifact, self.key, o.guess))
         if "test_accs" in extra:
-            clean = wb.trainer.evaluate(wb.clean, wb.splits.test_x, wb.splits.test_y)
+            clean = wb.clean_acc
             accs = np.asarray(extra["test_accs"])
             extra["n_pass50"] = int((accs >= 0.5 * clean).sum())
             extra["n_pass80"] = int((accs >= 0.8 * clean).sum())
