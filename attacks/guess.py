@@ -1,7 +1,9 @@
 """Password-guessing attacks on EdgePro: random guesses, ranked guesses, and mask learning.
 
-The thief knows the method and its public defaults (Kerckhoffs): the lock sites the model declares, ``gamma`` (so
-the number of authorization neurons per site) and the locking value λ; not which neurons. A guess is scored on the
+The thief knows the method and its public defaults (Kerckhoffs): the lock sites the model declares, ``gamma`` and
+``pool`` (read from the artifact's plaintext metadata when it discloses them, else the paper's 0.1 and 0.3; so the
+number of authorization neurons per site), and assumes the default locking value λ = 0 and scale s = 1; it does not
+know which neurons. A guess is scored on the
 test set; the thief can pick the best guess with its own labeled data, so the reported ``stolen_acc_after`` is the
 test accuracy of the guess that scores best on the thief's data.
 """
@@ -29,8 +31,9 @@ from .registry_instance import attacks
 class GuessParams:
     guesses: int = 200
     fraction: float = 0.05
-    gamma: float = 0.1
-    pool: float = 0.3
+    #: ``None``: what the artifact's public metadata says, else the paper's default
+    gamma: float | None = None
+    pool: float | None = None
     lock_value: float = 0.0
     #: epochs the scratch baseline trains on the same thief data (guessing itself trains nothing)
     scratch_epochs: int = 10
@@ -42,7 +45,7 @@ class GuessParams:
         if self.guesses < 1 or self.stats_samples < 1:
             raise ValueError("parameters 'guesses' and 'stats_samples' must be >= 1")
         _fractions_ok([self.fraction])
-        if not 0 < self.gamma <= 1 or not 0 < self.pool <= 1:
+        if any(v is not None and not 0 < v <= 1 for v in (self.gamma, self.pool)):
             raise ValueError("parameters 'gamma' and 'pool' must be in (0, 1]")
 
 
@@ -67,6 +70,14 @@ def stratified_sample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tu
     return x[keep], y[keep]
 
 
+def public_param(loot: Loot, given: float | None, name: str, default: float) -> float:
+    """A protector parameter as the thief knows it: given, else from the artifact's plaintext metadata, else default."""
+    if given is not None:
+        return given
+    value = loot.artifact.meta.get("params", {}).get(name)
+    return float(value) if isinstance(value, (int, float)) else default
+
+
 class _GuessAttack(Attack):
     Params = GuessParams
     applies_to = ("edgepro",)
@@ -82,7 +93,7 @@ class _GuessAttack(Attack):
         return [f"N={self.params.guesses}"]
 
     def draw(self, model: nn.Module, ctx: ThiefContext, x: torch.Tensor, widths: dict[str, int],
-             rng: np.random.Generator) -> list[dict[str, list[int]]]:
+             rng: np.random.Generator, gamma: float, pool: float) -> list[dict[str, list[int]]]:
         raise NotImplementedError
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
@@ -97,7 +108,8 @@ class _GuessAttack(Attack):
         if len(tx) > p.stats_samples:
             tx, ty = stratified_sample(tx, ty, p.stats_samples, ctx.seed)
         scores = []
-        for neurons in self.draw(stolen, ctx, x, widths, rng):
+        gamma, pool = public_param(loot, p.gamma, "gamma", 0.1), public_param(loot, p.pool, "pool", 0.3)
+        for neurons in self.draw(stolen, ctx, x, widths, rng, gamma, pool):
             pw = Password(neurons, widths, p.lock_value, 1.0)
             for name, site in sites.items():
                 site.set_mask(pw.mask(name))
@@ -117,8 +129,8 @@ class GuessRandom(_GuessAttack):
 
     name = "guess-random"
 
-    def draw(self, model, ctx, x, widths, rng):
-        k = {s: max(1, math.ceil(self.params.gamma * n - 1e-9)) for s, n in widths.items()}
+    def draw(self, model, ctx, x, widths, rng, gamma, pool):
+        k = {s: max(1, math.ceil(gamma * n - 1e-9)) for s, n in widths.items()}
         return [{s: sorted(rng.choice(n, size=k[s], replace=False).tolist()) for s, n in widths.items()}
                 for _ in range(self.params.guesses)]
 
@@ -129,10 +141,9 @@ class GuessRanked(_GuessAttack):
 
     name = "guess-ranked"
 
-    def draw(self, model, ctx, x, widths, rng):
+    def draw(self, model, ctx, x, widths, rng, gamma, pool):
         ranks = rank_neurons(model, list(widths), x[:200])
-        p = self.params
-        return [{s: select_neurons(ranks[s], p.gamma, p.pool, rng) for s in widths} for _ in range(p.guesses)]
+        return [{s: select_neurons(ranks[s], gamma, pool, rng) for s in widths} for _ in range(self.params.guesses)]
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,7 @@ class MaskLearningParams:
     fraction: float = 0.05
     epochs: int = 10
     lr: float = 0.05
-    gamma: float = 0.1
+    gamma: float | None = None
     lock_value: float = 0.0
 
     def validate(self) -> None:
@@ -195,8 +206,9 @@ class MaskLearning(_GuessAttack):
         for h in handles:
             h.remove()
         neurons = {}
+        gamma = public_param(loot, p.gamma, "gamma", 0.1)
         for s, g in gates.items():
-            k = max(1, math.ceil(p.gamma * widths[s] - 1e-9))
+            k = max(1, math.ceil(gamma * widths[s] - 1e-9))
             neurons[s] = sorted(torch.argsort(g.logit.detach())[:k].tolist())
         guess = Password(neurons, widths, p.lock_value, 1.0)
         return Outcome(cell, apply_password(copy.deepcopy(stolen), guess), (p.fraction, p.epochs), guess=guess)

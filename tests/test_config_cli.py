@@ -50,7 +50,7 @@ def test_sweep_expands_with_labels(tmp_path):
 
 
 def test_shipped_configs_validate():
-    for name in ("quick", "fashion", "paper", "overhead"):
+    for name in ("quick", "fashion", "paper", "overhead", "sweep"):
         assert config.load(name).name == name
 
 
