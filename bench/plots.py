@@ -135,10 +135,12 @@ def security_vs_cost(eff: pd.DataFrame, att: pd.DataFrame, stem: Path) -> list[P
         return []
     worst = worst_case(eff, att)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for _, r in worst.iterrows():
-        ax.scatter(r["acc_loss"], r["worst_stolen_acc"], s=40)
-        ax.annotate(f"{r['protector']} ({r['dataset']})", (r["acc_loss"], r["worst_stolen_acc"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    several = worst[["dataset", "model"]].drop_duplicates().shape[0] > 1
+    markers = "osD^v<>pPX*h"
+    for i, (_, r) in enumerate(worst.iterrows()):
+        label = r["protector"] + (f" ({r['dataset']}/{r['model']})" if several else "")
+        ax.scatter(r["acc_loss"], r["worst_stolen_acc"], s=45, marker=markers[i % len(markers)], label=label)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.set(xlabel="accuracy loss with the secret (clean − authorized)",
            ylabel="worst-case stolen accuracy after attacks", ylim=(0, 1.05),
            title="Security vs cost (lower-left is better)")
