@@ -52,7 +52,9 @@ def write(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = RecordStore(run_dir).load_all()
     eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
+    guesses = att[att["overlap_mean"].notna()] if "overlap_mean" in att else att.iloc[0:0]
     frames = {"effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
+              "guessing": (guesses.reset_index(drop=True), tables.GUESSING),
               "overhead": (ov, tables.OVERHEAD_SHOWN)}
     made = plots.write_all(records, run_dir / "plots")
     parts = [f"# Report: {run_dir.name}\n",

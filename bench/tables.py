@@ -19,6 +19,9 @@ EFFECTIVENESS = ["dataset", "model", "protector", "clean_acc", "auth_acc", "acc_
 ATTACKS = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "auth_acc_after", "scratch_acc",
            "gain"]
 OVERHEAD = ["model", "protector", "mode", "target", "p50_ms", "p90_ms", "p99_ms", "cold_start_ms", "overhead"]
+#: the password-guessing attacks' own statistics (a separate table in the report)
+GUESSING = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "best_test_acc",
+            "median_test_acc", "n_pass50", "n_pass80", "overlap_mean"]
 #: shown in Markdown/LaTeX besides the contract's columns
 OVERHEAD_SHOWN = OVERHEAD + ["mean_ms", "throughput_ips", "peak_mem_mb"]
 
@@ -78,7 +81,7 @@ def overhead(records: list[dict]) -> pd.DataFrame:
 
 
 BUILTIN_ORDER = ["none", "aes", "edgepro"]
-WHOLE = {"secret_bytes", "artifact_bytes", "n", "throughput_ips"}
+WHOLE = {"secret_bytes", "artifact_bytes", "n", "throughput_ips", "n_pass50", "n_pass80"}
 
 
 def _rank(value: Any) -> tuple:
