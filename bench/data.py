@@ -158,10 +158,11 @@ def _mnist_like(cls_name: str, debian_name: str, root: str | None, download: boo
         deb = _debian_unpack(debian_name, cls_name)
         tried.append(str(DEBIAN_ROOT / debian_name))
         if deb is None:
+            debian = ", install the Debian package dataset-fashion-mnist" if debian_name == "fashion-mnist" else ""
             raise DataError(
                 f"{debian_name}: no data in {' or '.join(tried)}; put the IDX files under "
-                f"<root>/{cls_name}/raw/ and pass --data-root (or set ${DATA_ENV}), "
-                f"install the Debian package dataset-{debian_name}, or pass --download when online"
+                f"<root>/{cls_name}/raw/ and pass --data-root (or set ${DATA_ENV}){debian}, "
+                "or pass --download when online"
             )
         r = deb
     try:

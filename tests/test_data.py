@@ -56,8 +56,10 @@ def test_fashion_from_debian_layout_unpacks_once(tmp_path, monkeypatch):
 
 def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "nothing")
-    with pytest.raises(DataError, match=r"mnist: no data in .*MNIST/raw.*dataset-mnist.*--download"):
+    with pytest.raises(DataError, match=r"mnist: no data in .*MNIST/raw.*--data-root.*--download"):
         data.load("mnist", root=str(tmp_path))
+    with pytest.raises(DataError, match=r"fashion-mnist: no data .*dataset-fashion-mnist"):
+        data.load("fashion-mnist", root=str(tmp_path))
 
 
 def write_cifar(folder: Path, n=8):
