@@ -16,7 +16,7 @@ from protectors.errors import ArtifactError
 from protectors.hashing import config_hash
 from protectors.weights import load_state_bytes, state_bytes
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when what is cached changes format (v2: secret parameters out of meta.json)
 
 
 class Cache:
