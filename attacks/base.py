@@ -38,7 +38,7 @@ class Loot:
 
 @dataclasses.dataclass
 class ThiefContext:
-    """The thief's resources: a trainer, a labeled subset maker, the test set to score on, a seed."""
+    """The thief's resources: a trainer, a labeled subset maker, a loader, the test set to score on, a seed."""
 
     trainer: Trainer
     thief_data: Callable[[float, int], tuple[torch.Tensor, torch.Tensor]]
@@ -48,7 +48,6 @@ class ThiefContext:
     num_classes: int
     lock_sites: tuple[str, ...]
     seed: int
-    progress: bool = True
 
     def evaluate(self, model: nn.Module) -> float:
         return self.trainer.evaluate(model, self.test_x, self.test_y)

@@ -129,7 +129,7 @@ class Workbench:
         s = self.splits
         return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
                             test_y=s.test_y, num_classes=self.info.num_classes,
-                            lock_sites=tuple(self.factory()().lock_sites), seed=seed, progress=self.runner.progress)
+                            lock_sites=tuple(self.factory()().lock_sites), seed=seed)
 
 
 class Runner:

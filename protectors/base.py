@@ -83,8 +83,6 @@ class Protector(Configurable, ABC):
 
     kind = "protector"
     modes: ClassVar[tuple[str, ...]] = ("default",)
-    #: whether the secret applies to modified weights (e.g. a fine-tuned stolen copy).
-    reapplies_to_weights: ClassVar[bool] = False
 
     def check_artifact(self, artifact: Artifact) -> None:
         if artifact.meta.get("protector") != self.name:

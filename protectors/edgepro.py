@@ -213,7 +213,6 @@ class EdgeProProtector(Protector):
     name = "edgepro"
     Params = EdgeProParams
     modes = ("mask", "fold")
-    reapplies_to_weights = True
 
     def choose_password(self, model: nn.Module, ctx: PluginContext) -> Password:
         p = self.params

@@ -22,7 +22,6 @@ class NoProtection(Protector):
     """No protection: plaintext weights; the thief runs exactly what the device runs."""
 
     name = "none"
-    reapplies_to_weights = True
 
     def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         weights = state_bytes(model)

@@ -19,7 +19,7 @@ def thief(digits, trainer):
 
     return ThiefContext(trainer=trainer, thief_data=thief_data, loader=loader, test_x=digits.test_x,
                         test_y=digits.test_y, num_classes=10, lock_sites=("relu1", "relu2", "relu3", "relu4"),
-                        seed=0, progress=False)
+                        seed=0)
 
 
 def test_unknown_attack_and_bad_params():
