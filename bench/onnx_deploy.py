@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from protectors import lock
-from protectors.aes import PerInferenceModel, wipe_buffer
+from protectors.aes import PerInferenceModel
 from protectors.artifact import Artifact
 from protectors.base import ModelFactory, Protector
-from protectors.crypto import GcmDecryptor, decrypt, encrypt
+from protectors.crypto import GcmDecryptor, decrypt, encrypt, wipe_buffer
 from protectors.weights import safetensors_views
 
 Runner = Callable[[np.ndarray], np.ndarray]

@@ -12,14 +12,12 @@ architecture with random weights.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 
 from .artifact import Artifact, new_meta
 from .base import ModelFactory, PluginContext, Protector
-from .crypto import GcmDecryptor, encrypt, key_id
+from .crypto import GcmDecryptor, encrypt, key_id, wipe_buffer
 from .errors import KeyMaterialError
 from .none import model_spec
 from .registry_instance import protectors
@@ -33,10 +31,6 @@ def check_key(artifact: Artifact, key: bytes) -> None:
     expected = artifact.meta.get("key_id")
     if expected is not None and expected != key_id(key):
         raise KeyMaterialError(f"{artifact.where}: wrong key (key id {key_id(key)}, artifact needs {expected})")
-
-
-def wipe_buffer(buf: bytearray) -> None:
-    ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
 
 
 class PerInferenceModel(nn.Module):

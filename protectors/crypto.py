@@ -7,6 +7,7 @@ which reveals nothing about the key) so that a wrong key is told apart from a ta
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import secrets
@@ -122,4 +123,9 @@ class GcmDecryptor:
         return memoryview(self.buffer)[:n]
 
     def wipe(self) -> None:
-        self.buffer[:] = bytes(len(self.buffer))
+        wipe_buffer(self.buffer)
+
+
+def wipe_buffer(buf: bytearray) -> None:
+    """Zero a buffer in place (memset), e.g. plaintext weights after a per-inference decryption."""
+    ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
