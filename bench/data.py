@@ -222,7 +222,10 @@ def load_cifar10(root: str | None = None, seed: int = 0, download: bool = False)
     roots = _roots(root)
     folder = next((r / CIFAR10.base_folder for r in roots if (r / CIFAR10.base_folder).is_dir()), None)
     if folder is None and download:
-        CIFAR10(str(roots[0]), train=True, download=True)
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        # Download and check the archive's MD5 only; torchvision's CIFAR10() would also unpickle it.
+        download_and_extract_archive(CIFAR10.url, str(roots[0]), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         folder = roots[0] / CIFAR10.base_folder
     if folder is None:
         raise DataError(f"cifar10: no data in {' or '.join(str(r / CIFAR10.base_folder) for r in roots)}; "
