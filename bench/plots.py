@@ -30,8 +30,6 @@ def _groups(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
 
 
 def pruning(att: pd.DataFrame, stem: Path) -> list[Path]:
-    if att.empty:
-        return []
     df = att[att["attack"].astype(str).str.startswith("prune")].dropna(subset=["stolen_acc_after"])
     if df.empty:
         return []
@@ -59,8 +57,6 @@ def pruning(att: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def finetune(att: pd.DataFrame, stem: Path) -> list[Path]:
-    if att.empty:
-        return []
     df = att[att["attack"] == "finetune"].dropna(subset=["stolen_acc_after"])
     if df.empty:
         return []
@@ -104,8 +100,6 @@ def guessing(records: list[dict], stem: Path) -> list[Path]:
 
 
 def overhead(ov: pd.DataFrame, stem: Path) -> list[Path]:
-    if ov.empty:
-        return []
     df = ov.dropna(subset=["overhead"])
     df = df[df["protector"] != "none"]
     if df.empty:
