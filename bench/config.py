@@ -10,7 +10,6 @@ combination (the Cartesian product), each labelled ``name[gamma=0.05]``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from protectors.base import build_params
-from protectors.errors import ConfigError
+from protectors.errors import ConfigError, did_you_mean
 
 from .training import TrainConfig
 
@@ -83,9 +82,8 @@ EXPERIMENT_KEYS = {"dataset", "model", "train", "train_subset"}
 
 
 def _unknown(where: str, key: str, allowed) -> ConfigError:
-    hint = difflib.get_close_matches(key, list(allowed), n=1)
-    did = f"; did you mean {hint[0]!r}?" if hint else ""
-    return ConfigError(f"{where}: unknown key {key!r}{did} (allowed: {', '.join(sorted(allowed))})")
+    allowed_list = ", ".join(sorted(allowed))
+    return ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)} (allowed: {allowed_list})")
 
 
 def _list_of(where: str, value: Any, typ: type, allow_empty: bool = False) -> list:
@@ -236,9 +234,8 @@ def resolve(name_or_path: str) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    hint = difflib.get_close_matches(name_or_path, names, n=1)
-    did = f"; did you mean {hint[0]!r}?" if hint else ""
-    raise ConfigError(f"unknown config {name_or_path!r}{did} (shipped: {', '.join(names)}; or give a .toml path)")
+    raise ConfigError(f"unknown config {name_or_path!r}{did_you_mean(name_or_path, names)} "
+                      f"(shipped: {', '.join(names)}; or give a .toml path)")
 
 
 def load(name_or_path: str) -> RunConfig:

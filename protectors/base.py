@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .artifact import Artifact
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, did_you_mean
 
 ModelFactory = Callable[[], nn.Module]
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -140,15 +140,11 @@ class Protector(Configurable, ABC):
 
 def build_params(cls: type, params: dict[str, Any], where: str) -> Any:
     """Build the dataclass ``cls`` from ``params``; unknown names and wrong types raise :class:`ConfigError`."""
-    import difflib
-
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in params:
         if k not in fields:
-            hint = difflib.get_close_matches(k, list(fields), n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
             allowed = ", ".join(fields) or "none"
-            raise ConfigError(f"{where}: unknown parameter {k!r}{did} (allowed: {allowed})")
+            raise ConfigError(f"{where}: unknown parameter {k!r}{did_you_mean(k, fields)} (allowed: {allowed})")
     try:
         obj = cls(**params)
     except (TypeError, ValueError) as exc:

@@ -5,6 +5,16 @@ one line and exits with status 2, without a traceback.
 """
 
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` (or ``'x' or 'y'``) for the closest choices, or ``""`` when none is close."""
+    hint = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    return f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+
+
 class BenchError(Exception):
     """Bad input that the user can fix; the message names the file or field."""
 

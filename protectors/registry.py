@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from importlib.metadata import entry_points
 from typing import Callable, Generic, TypeVar
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 
@@ -64,8 +63,7 @@ class Registry(Generic[T]):
         if name not in self._items:
             self._load_entry_points()
         if name not in self._items:
-            hint = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
-            did = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+            did = did_you_mean(name, self.names(), n=3, cutoff=0.5)
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{did} (registered: {', '.join(self.names()) or 'none'})"
             )
