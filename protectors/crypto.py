@@ -72,6 +72,15 @@ def create_key_file(path: str | os.PathLike) -> bytes:
     return key
 
 
+def _check_length(blob: bytes, what: str) -> None:
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise ArtifactError(f"{what}: truncated ciphertext ({len(blob)} bytes)")
+
+
+def _auth_failed(what: str) -> ArtifactError:
+    return ArtifactError(f"{what}: authentication failed (ciphertext, nonce or metadata tampered)")
+
+
 def encrypt(key: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
     """Return ``nonce || ciphertext || tag`` under a fresh random 96-bit nonce."""
     nonce = secrets.token_bytes(NONCE_BYTES)
@@ -80,12 +89,11 @@ def encrypt(key: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
 
 def decrypt(key: bytes, blob: bytes, aad: bytes, what: str) -> bytes:
     """Authenticate and decrypt ``blob``; raise :class:`ArtifactError` naming ``what`` on any failure."""
-    if len(blob) < NONCE_BYTES + TAG_BYTES:
-        raise ArtifactError(f"{what}: truncated ciphertext ({len(blob)} bytes)")
+    _check_length(blob, what)
     try:
         return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
     except InvalidTag:
-        raise ArtifactError(f"{what}: authentication failed (ciphertext, nonce or metadata tampered)") from None
+        raise _auth_failed(what) from None
 
 
 class GcmDecryptor:
@@ -96,8 +104,7 @@ class GcmDecryptor:
     """
 
     def __init__(self, key: bytes, blob: bytes, aad: bytes, what: str):
-        if len(blob) < NONCE_BYTES + TAG_BYTES:
-            raise ArtifactError(f"{what}: truncated ciphertext ({len(blob)} bytes)")
+        _check_length(blob, what)
         self._key = key
         self._nonce = blob[:NONCE_BYTES]
         self._tag = blob[-TAG_BYTES:]
@@ -117,9 +124,7 @@ class GcmDecryptor:
             dec.finalize()
         except InvalidTag:
             self.wipe()
-            raise ArtifactError(
-                f"{self.what}: authentication failed (ciphertext, nonce or metadata tampered)"
-            ) from None
+            raise _auth_failed(self.what) from None
         return memoryview(self.buffer)[:n]
 
     def wipe(self) -> None:
