@@ -21,10 +21,14 @@ from torch import nn
 
 from protectors import lock
 from protectors.edgepro import Password, apply_password, rank_neurons, select_neurons
+from protectors.sampling import stratified_subset
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
 from .registry_instance import attacks
+
+#: evaluation batch for scoring guesses
+GUESS_BATCH = 2000
 
 
 @dataclass(frozen=True)
@@ -47,27 +51,6 @@ class GuessParams:
         _fractions_ok([self.fraction])
         if any(v is not None and not 0 < v <= 1 for v in (self.gamma, self.pool)):
             raise ValueError("parameters 'gamma' and 'pool' must be in (0, 1]")
-
-
-def site_widths(model: nn.Module, sites, example: torch.Tensor) -> dict[str, int]:
-    return lock.site_widths(model, sites, example)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return correct / max(1, len(x))
-
-
-def stratified_sample(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """About ``n`` samples, the same share of every class, fixed by ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in torch.unique(y):
-        idx = (y == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=gen)[: max(1, round(n * len(idx) / len(y)))]])
-    keep = torch.sort(torch.cat(keep)).values
-    return x[keep], y[keep]
 
 
 def public_param(loot: Loot, given: float | None, name: str, default: float) -> float:
@@ -100,20 +83,21 @@ class _GuessAttack(Attack):
         p = self.params
         stolen = loot.stolen_model()
         x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = site_widths(stolen, ctx.lock_sites, x[:1])
+        widths = lock.site_widths(stolen, ctx.lock_sites, x[:1])
         rng = np.random.default_rng(ctx.seed)
         model = copy.deepcopy(stolen)
         sites = lock.install(model, ctx.lock_sites)
         tx, ty = ctx.test_x, ctx.test_y
         if len(tx) > p.stats_samples:
-            tx, ty = stratified_sample(tx, ty, p.stats_samples, ctx.seed)
+            tx, ty = stratified_subset(tx, ty, p.stats_samples / len(ty), ctx.seed)
         scores = []
         gamma, pool = public_param(loot, p.gamma, "gamma", 0.1), public_param(loot, p.pool, "pool", 0.3)
         for neurons in self.draw(stolen, ctx, x, widths, rng, gamma, pool):
             pw = Password(neurons, widths, p.lock_value, 1.0)
             for name, site in sites.items():
                 site.set_mask(pw.mask(name))
-            scores.append((accuracy(model, x, y), accuracy(model, tx, ty), pw))
+            scores.append((ctx.trainer.evaluate(model, x, y, batch=GUESS_BATCH),
+                           ctx.trainer.evaluate(model, tx, ty, batch=GUESS_BATCH), pw))
         test_accs = np.array([s[1] for s in scores])
         best = max(scores, key=lambda s: s[0])
         best_model = apply_password(copy.deepcopy(stolen), best[2])
@@ -189,7 +173,7 @@ class MaskLearning(_GuessAttack):
         p = self.params
         stolen = loot.stolen_model()
         x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = site_widths(stolen, ctx.lock_sites, x[:1])
+        widths = lock.site_widths(stolen, ctx.lock_sites, x[:1])
         model = copy.deepcopy(stolen).eval()  # eval: batch-norm statistics stay frozen too
         for q in model.parameters():
             q.requires_grad_(False)
