@@ -6,7 +6,6 @@ artifacts are cached by config hash (:mod:`bench.cache`), so cells that share th
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import asdict
@@ -50,6 +49,7 @@ class Workbench:
         self.base_key = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
                          "train_subset": exp.train_subset}
         self._scratch: dict[tuple, float] = {}
+        self._artifacts: dict[str, tuple[Protector, Artifact]] = {}
 
     @functools.cached_property
     def splits(self) -> data.Splits:
@@ -77,8 +77,13 @@ class Workbench:
 
         return self.runner.cache.model({"kind": "clean", **self.base_key}, self.factory(), train)
 
+    @functools.cached_property
+    def probe(self) -> torch.nn.Module:
+        """One instance of the architecture, for what the model declares (lock sites, foldable producers)."""
+        return self.factory()()
+
     def context(self) -> PluginContext:
-        s, probe = self.splits, self.factory()()
+        s, probe = self.splits, self.probe
         calib = data.subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)), self.seed + 7)[0]
         return PluginContext(
             model_factory=self.factory(), trainer=self.trainer,
@@ -89,6 +94,12 @@ class Workbench:
             example_input=s.train_x[:1])
 
     def artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
+        """The protector and its artifact for ``spec``, read from the cache once per workbench."""
+        if spec.label not in self._artifacts:
+            self._artifacts[spec.label] = self._make_artifact(spec)
+        return self._artifacts[spec.label]
+
+    def _make_artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
         protector = protectors.get(spec.name, **spec.params)
         key = {"kind": "artifact", **self.base_key, "protector": spec.key(), "key_id": key_id(self.runner.key)}
 
@@ -129,7 +140,7 @@ class Workbench:
         s = self.splits
         return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
                             test_y=s.test_y, num_classes=self.info.num_classes,
-                            lock_sites=tuple(self.factory()().lock_sites), seed=seed)
+                            lock_sites=tuple(self.probe.lock_sites), seed=seed)
 
 
 class Runner:
@@ -233,7 +244,7 @@ class Runner:
         extra, note = dict(o.extra), ""
         # Only now, outside the attack, the key: does the real secret still work on the attacked copy?
         try:
-            authorized = protector.authorize(copy.deepcopy(o.model), artifact, self.key, kept=o.kept)
+            authorized = protector.authorize(o.model, artifact, self.key, kept=o.kept)
             auth_after = ctx.evaluate(authorized) if authorized is not None else None
         except (RuntimeError, protectors.BenchError) as exc:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
