@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from protectors.artifact import Artifact
+from protectors.artifact import META, Artifact
 from protectors.atomic import atomic_write_bytes
 from protectors.errors import ArtifactError
 from protectors.hashing import config_hash
@@ -39,8 +39,18 @@ class Cache:
         atomic_write_bytes(path, state_bytes(model))
         return model.eval()
 
+    def _artifact_path(self, key: dict[str, Any]) -> Path:
+        return self.root / "artifacts" / self._hash(key)
+
+    def artifact_dir(self, key: dict[str, Any], make: Callable[[], Artifact]) -> Path:
+        """The directory of the artifact ``make()`` builds, built and saved only when missing (not read here)."""
+        path = self._artifact_path(key)
+        if not (path / META).exists():
+            make().save(path)
+        return path
+
     def artifact(self, key: dict[str, Any], make: Callable[[], Artifact]) -> Artifact:
-        path = self.root / "artifacts" / self._hash(key)
+        path = self._artifact_path(key)
         if path.exists():
             try:
                 return Artifact.load(path)

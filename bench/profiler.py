@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 import protectors
 from protectors.artifact import Artifact
 from protectors.base import PluginContext
-from protectors.crypto import KEY_ENV, GcmDecryptor, encrypt
-from protectors.hashing import config_hash
+from protectors.crypto import KEY_ENV, GcmDecryptor, encrypt, key_id
 
 from . import models
 from .config import ProfileConfig
@@ -187,9 +186,9 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
     for label, spec, mode in _variants(runner):
         vid = f"{label}|{mode}"
         key = {"kind": "deploy", "model": model_name, "protector": spec.key(), "mode": mode, "onnx": onnx,
-               "key": config_hash(runner.key.hex()), "v": 2}
-        path = runner.cache.root / "deploy" / config_hash(key)
-        if not (path / "meta.json").exists():
+               "key_id": key_id(runner.key)}
+
+        def make(spec=spec, mode=mode) -> Artifact:
             protector = protectors.get(spec.name, **spec.params)
             model = factory()
             artifact = protector.protect_for_latency(model, _ctx_for_latency(model, shape), runner.key)
@@ -200,7 +199,9 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
                     artifact.add_deploy_files(extra)
                 except onnx_deploy.NotSupported:
                     pass  # the ONNX target reports it as n/a
-            artifact.save(path)
+            return artifact
+
+        path = runner.cache.artifact_dir(key, make)
         out[vid] = {"id": vid, "label": label, "protector": spec.name, "params": spec.params, "mode": mode,
                     "dir": str(path), "spec": spec}
     return out
