@@ -153,7 +153,7 @@ class _Gate(nn.Module):
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.logit)
-        return out * g.view(1, -1, *([1] * (out.dim() - 2)))
+        return out * lock.channel_view(g, out)
 
 
 @attacks.register()

@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def channel_view(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A per-neuron ``mask`` of shape ``(C,)`` viewed to broadcast over ``out``'s channel axis 1; a mask already
+    of ``out``'s rank (e.g. an ONNX graph input fed pre-shaped) is returned as it is."""
+    return mask if mask.dim() == out.dim() else mask.view(1, -1, *([1] * (out.dim() - 2)))
+
+
 class LockedSite(nn.Module):
     """Wraps ``inner`` and multiplies its output by ``mask`` (shape ``(C,)``) along dim 1."""
 
@@ -39,13 +45,12 @@ class LockedSite(nn.Module):
         if self.batch_mask is not None:
             return out * self.batch_mask.view(out.shape[0], out.shape[1], *([1] * (out.dim() - 2)))
         if self.external is not None:
-            ext = self.external
-            return out * (ext if ext.dim() == out.dim() else ext.view(1, -1, *([1] * (out.dim() - 2))))
+            return out * channel_view(self.external, out)
         mask = self.mask
         if mask is None:
             return out
         if self._view is None or self._view.dim() != out.dim() or self._view.device != out.device:
-            self._view = mask.to(out.device).view(1, -1, *([1] * (out.dim() - 2)))
+            self._view = channel_view(mask.to(out.device), out)
         if out is x or out.requires_grad or (torch.is_grad_enabled() and self.training):
             return out * self._view
         return out.mul_(self._view)
@@ -79,11 +84,9 @@ class MaskedSite(nn.Module):
         return out.mul_(v)
 
     def _first(self, out: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, *([1] * (out.dim() - 2)))
         if self.external is not None:
-            ext = self.external
-            return out * (ext if ext.dim() == out.dim() else ext.view(shape))
-        self.view = self.mask.to(out.device).view(shape)
+            return out * channel_view(self.external, out)
+        self.view = channel_view(self.mask.to(out.device), out)
         return out.mul_(self.view)
 
     def _apply(self, fn, recurse=True):
