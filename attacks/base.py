@@ -22,6 +22,7 @@ from torch import nn
 
 from protectors.artifact import Artifact
 from protectors.base import Configurable, ModelFactory, Protector, Trainer
+from protectors.pruning import Pruned
 
 
 @dataclasses.dataclass
@@ -67,23 +68,32 @@ class Outcome:
     model: nn.Module | None
     budget: tuple[float, int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: lock site -> original neuron indices that survived structured pruning (to slice a per-neuron secret)
-    kept: dict[str, list[int]] | None = None
+    #: which output channels of which modules survived structured pruning (to slice a per-neuron secret)
+    pruned: Pruned | None = None
     #: the attacker's guess of the secret, compared with the real one by the harness (reporting only)
     guess: Any = None
 
 
 class Attack(Configurable, ABC):
-    """Base class of attacks. Subclasses set ``name``, ``Params`` and, if limited, ``applies_to``."""
+    """Base class of attacks. Subclasses set ``name``, ``Params`` and what they need of a protector.
+
+    An attack states what it needs (ART's ``_estimator_requirements``), a protector states what it has
+    (:class:`~protectors.base.Protector`'s declarations); the harness never compares names.
+    """
 
     kind = "attack"
-    #: protector names this attack applies to (``None``: every protector).
-    applies_to: ClassVar[tuple[str, ...] | None] = None
+    #: secret kinds this attack applies to (``None``: every kind)
+    secret_kinds: ClassVar[tuple[str, ...] | None] = None
+    #: whether the thief's copy must hold trained weights (data-free weight inspection)
+    needs_weights: ClassVar[bool] = False
 
     def not_applicable(self, protector: Protector, artifact: Artifact) -> str | None:
         """Why this attack does not apply to ``protector`` (shown in the table), or ``None`` if it does."""
-        if self.applies_to is not None and protector.name not in self.applies_to:
-            return f"n/a: {self.name} targets {', '.join(self.applies_to)} only"
+        if self.secret_kinds is not None and protector.secret_kind not in self.secret_kinds:
+            return (f"n/a: {self.name} needs a secret of kind {' or '.join(self.secret_kinds)}; "
+                    f"{protector.name}'s is {protector.secret_kind}")
+        if self.needs_weights and not protector.holds_weights:
+            return f"n/a: {self.name} needs trained weights in the stolen copy; {protector.name}'s holds none"
         return None
 
     def cells(self) -> list[str]:

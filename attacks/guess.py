@@ -22,6 +22,7 @@ from torch import nn
 from protectors import lock
 from protectors.edgepro import Password, apply_password, rank_neurons, select_neurons
 from protectors.sampling import stratified_subset
+from protectors.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
@@ -63,14 +64,7 @@ def public_param(loot: Loot, given: float | None, name: str, default: float) -> 
 
 class _GuessAttack(Attack):
     Params = GuessParams
-    applies_to = ("edgepro",)
-
-    def not_applicable(self, protector, artifact):
-        if protector.name == "aes":
-            return "n/a: the secret is an AES-256 key (2^256 guesses), infeasible"
-        if protector.name == "none":
-            return "n/a: no secret to guess"
-        return super().not_applicable(protector, artifact)
+    secret_kinds = ("neuron-mask",)
 
     def cells(self) -> list[str]:
         return [f"N={self.params.guesses}"]
@@ -84,7 +78,7 @@ class _GuessAttack(Attack):
         stolen = loot.stolen_model()
         x, y = ctx.thief_data(p.fraction, ctx.seed)
         widths = lock.site_widths(stolen, ctx.lock_sites, x[:1])
-        rng = np.random.default_rng(ctx.seed)
+        rng = np.random.default_rng(stream_seed(ctx.seed, "thief/guesses"))
         model = copy.deepcopy(stolen)
         sites = lock.install(model, ctx.lock_sites)
         tx, ty = ctx.test_x, ctx.test_y

@@ -4,7 +4,8 @@
   permanent.
 - ``prune-channel``: structured L1 channel pruning with Torch-Pruning (the classifier is kept). Torch-Pruning
   silently prunes nothing when parameters are frozen, so the parameter count is checked to have dropped. The
-  surviving channel indices at each lock site are reported, so EdgePro's masks can be sliced to match.
+  surviving output channels of every pruned module are reported (:class:`~protectors.pruning.Pruned`), so a
+  per-neuron secret can be sliced to match.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
+
+from protectors.pruning import Pruned
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok, finetune
@@ -49,7 +52,7 @@ class _PruneAttack(Attack):
         tail = [""] + (["+ft"] if self.params.finetune_epochs else [])
         return [f"r={r:g}{t}" for r in self.params.ratios for t in tail]
 
-    def prune(self, model: nn.Module, ratio: float, example: torch.Tensor) -> tuple[dict, dict | None]:
+    def prune(self, model: nn.Module, ratio: float, example: torch.Tensor) -> tuple[dict, Pruned | None]:
         raise NotImplementedError
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
@@ -57,12 +60,12 @@ class _PruneAttack(Attack):
         model = loot.stolen_model()
         for p in model.parameters():
             p.requires_grad_(True)
-        extra, kept = self.prune(model, ratio, ctx.test_x[:1])
+        extra, pruned = self.prune(model, ratio, ctx.test_x[:1])
         budget = (0.0, 0)
         if cell.endswith("+ft"):
             finetune(model, ctx, self.params.fraction, self.params.finetune_epochs, desc=f"{self.name} {cell}")
             budget = (self.params.fraction, self.params.finetune_epochs)
-        return Outcome(cell, model.eval(), budget, extra=extra, kept=kept)
+        return Outcome(cell, model.eval(), budget, extra=extra, pruned=pruned)
 
 
 @attacks.register()
@@ -98,7 +101,8 @@ class PruneChannel(_PruneAttack):
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=[classifier])
         names = {m: n for n, m in model.named_modules()}
-        widths = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        widths = {n: m.weight.shape[0] for n, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
         removed: dict[str, set[int]] = {}
         for group in pruner.step(interactive=True):
             for dep, idxs in group:
@@ -108,7 +112,5 @@ class PruneChannel(_PruneAttack):
         after = count_params(model)
         if after >= before:
             raise RuntimeError(f"{self.name}: Torch-Pruning removed no parameters at ratio {ratio}")
-        producers = getattr(model, "fold_producers", {})
-        kept = {site: [i for i in range(widths[prod]) if i not in removed.get(prod, set())]
-                for site, prod in producers.items() if prod in widths}
-        return {"params_before": before, "params_after": after}, kept
+        kept = {n: [i for i in range(widths[n]) if i not in gone] for n, gone in removed.items() if n in widths}
+        return {"params_before": before, "params_after": after}, Pruned(kept, example)

@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 import protectors
 from protectors.artifact import Artifact
-from protectors.base import PluginContext
-from protectors.crypto import KEY_ENV, GcmDecryptor, encrypt, key_id
+from protectors.base import latency_context
+from protectors.crypto import GcmDecryptor, encrypt, key_id, parse_key, secret_seed
+from protectors.hashing import canonical_json
+from protectors.onnx_runtime import NotSupported
 
 from . import models
 from .config import ProfileConfig
@@ -52,7 +54,7 @@ def input_shape(model: str) -> tuple[int, int, int]:
 
 def gcm_gbps(nbytes: int = 16 << 20, reps: int = 5) -> float:
     """AES-256-GCM decryption speed (GB/s) into a preallocated buffer, in this process."""
-    key = bytes(32)
+    key = bytes(range(32))  # a throwaway probe key: only the speed matters
     dec = GcmDecryptor(key, encrypt(key, bytes(nbytes), b""), b"", "gcm probe")
     dec.decrypt()
     best = min(_timed(dec.decrypt) for _ in range(reps))
@@ -90,7 +92,8 @@ def child(job_path: str) -> None:
     target = targets.get(job["target"])()
     target.setup()
     prof = ProfileConfig(**job["profile"])
-    key = bytes.fromhex(os.environ[KEY_ENV])
+    # The key comes through the stdin pipe, never the environment (which other processes of the user can read).
+    key = parse_key(sys.stdin.buffer.read(), "profiler key pipe")
     spec = job["model_spec"]
     factory = models.factory(spec["name"], spec["in_channels"], spec["image_size"], spec["num_classes"],
                              PROFILE_SEED)
@@ -169,36 +172,27 @@ def _variants(runner) -> list[tuple[str, Any, str]]:
     return [(s.label, s, m) for s in specs for m in protectors.protectors.get(s.name).modes]
 
 
-def _ctx_for_latency(model: torch.nn.Module, shape) -> PluginContext:
-    return PluginContext(model_factory=lambda: model, trainer=None, train_loader=(), calib_x=torch.zeros(0, *shape),
-                         num_classes=10, epochs=1, lock_sites=tuple(model.lock_sites),
-                         fold_producers=dict(model.fold_producers), device=torch.device("cpu"), seed=PROFILE_SEED,
-                         rng=np.random.default_rng(PROFILE_SEED), example_input=torch.zeros(1, *shape))
-
-
 def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str, Any]]:
     """Artifacts (and ONNX files) for every variant of ``model_name``, cached by what determines them."""
-    from . import onnx_deploy
-
     shape = input_shape(model_name)
     factory = models.factory(model_name, shape[0], shape[1], 10, PROFILE_SEED)
     out = {}
     for label, spec, mode in _variants(runner):
         vid = f"{label}|{mode}"
-        key = {"kind": "deploy", "model": model_name, "protector": spec.key(), "mode": mode, "onnx": onnx,
-               "key_id": key_id(runner.key)}
+        key = {"kind": "deploy", "model": model_name, "protector": runner.plugin_key(spec), "mode": mode,
+               "onnx": onnx, "key_id": key_id(runner.key)}
 
-        def make(spec=spec, mode=mode) -> Artifact:
+        def make(spec=spec, mode=mode, key=key) -> Artifact:
             protector = protectors.get(spec.name, **spec.params)
-            model = factory()
-            artifact = protector.protect_for_latency(model, _ctx_for_latency(model, shape), runner.key)
+            example = torch.zeros(1, *shape)
+            ctx = latency_context(factory, example, 10, secret_seed(runner.key, canonical_json(key)))
+            artifact = protector.protect_for_latency(factory(), ctx, runner.key)
             if onnx:
                 try:
-                    extra = onnx_deploy.build(protector, artifact, runner.key, factory, mode,
-                                              torch.zeros(1, *shape))
-                    artifact.add_deploy_files(extra)
-                except onnx_deploy.NotSupported:
-                    pass  # the ONNX target reports it as n/a
+                    protector.onnx_build(artifact, runner.key, factory, mode, example)
+                except (NotSupported, protectors.ConfigError) as exc:
+                    artifact.meta["onnx_unsupported"] = str(exc)  # the ONNX target reports it as n/a
+                artifact.seal(runner.key)
             return artifact
 
         path = runner.cache.artifact_dir(key, make)
@@ -215,14 +209,16 @@ def run_target(runner, model_name: str, target_name: str, variants: dict[str, di
            "model_spec": {"name": model_name, "in_channels": shape[0], "image_size": shape[1], "num_classes": 10},
            "variants": [{k: v for k, v in var.items() if k != "spec"} for var in variants.values()],
            "gcm_probe": bool(target.env)}
-    env = {**os.environ, **target.env, KEY_ENV: runner.key.hex(), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **target.env, "PYTHONWARNINGS": "ignore"}
+    for name in ("EDGEPRO_BENCH_KEY", "EDGEPRO_BENCH_KEY_FILE"):
+        env.pop(name, None)
     if target.threads == 1:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(job, fh)
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.profiler", fh.name], env=env, capture_output=True,
-                              text=True, timeout=3600)
+                              input=runner.key.hex(), text=True, timeout=3600)
     finally:
         os.unlink(fh.name)
     if proc.returncode != 0:

@@ -21,8 +21,11 @@ from attacks import Loot, Outcome, ThiefContext
 from attacks import attacks as attack_registry
 from protectors.artifact import Artifact
 from protectors.base import PluginContext, Protector
-from protectors.crypto import create_key_file, key_id, load_key
-from protectors.seeding import seed_everything
+from protectors.crypto import create_key_file, key_id, load_key, secret_seed
+from protectors.hashing import canonical_json
+from protectors.identity import plugin_identity
+from protectors.sampling import stratified_subset
+from protectors.seeding import seed_everything, stream_seed
 
 from . import data, models
 from .cache import Cache
@@ -46,8 +49,6 @@ class Workbench:
         self.runner, self.exp, self.seed = runner, exp, seed
         self.dataset, self.model_name, self.train_cfg = exp.dataset, exp.model, exp.train
         self.trainer = Trainer(exp.train, progress=runner.progress)
-        self.base_key = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
-                         "train_subset": exp.train_subset}
         self._scratch: dict[tuple, float] = {}
         self._artifacts: dict[str, tuple[Protector, Artifact]] = {}
 
@@ -59,6 +60,12 @@ class Workbench:
     @property
     def info(self) -> data.DatasetInfo:
         return self.splits.info
+
+    @functools.cached_property
+    def base_key(self) -> dict[str, Any]:
+        """What every cached model of this workbench depends on, the digest of the data actually loaded included."""
+        return {"dataset": self.dataset, "data": self.splits.digest, "model": self.model_name, "seed": self.seed,
+                "train": train_key(self.train_cfg), "train_subset": self.exp.train_subset}
 
     def factory(self, init_seed: int | None = None):
         i = self.info
@@ -73,7 +80,8 @@ class Workbench:
         def train(m):
             seed_everything(self.seed)
             s = self.splits
-            return self.trainer.fit(m, self.loader(s.train_x, s.train_y, self.seed), desc=f"clean {self.model_name}")
+            loader = self.loader(s.train_x, s.train_y, stream_seed(self.seed, "device/clean-shuffle"))
+            return self.trainer.fit(m, loader, desc=f"clean {self.model_name}")
 
         return self.runner.cache.model({"kind": "clean", **self.base_key}, self.factory(), train)
 
@@ -82,16 +90,17 @@ class Workbench:
         """One instance of the architecture, for what the model declares (lock sites, foldable producers)."""
         return self.factory()()
 
-    def context(self) -> PluginContext:
-        s, probe = self.splits, self.probe
-        calib = data.subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)), self.seed + 7)[0]
+    def context(self, cache_key: dict[str, Any]) -> PluginContext:
+        """The protector's context; its secret seed comes from the device key and the artifact's cache key."""
+        s = self.splits
+        calib_x, calib_y = stratified_subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)),
+                                             stream_seed(self.seed, "device/calib"))
         return PluginContext(
             model_factory=self.factory(), trainer=self.trainer,
-            train_loader=self.loader(s.train_x, s.train_y, self.seed + 1), calib_x=calib,
-            num_classes=self.info.num_classes, epochs=self.train_cfg.epochs,
-            lock_sites=tuple(probe.lock_sites), fold_producers=dict(probe.fold_producers),
-            device=self.trainer.device, seed=self.seed, rng=np.random.default_rng(self.seed),
-            example_input=s.train_x[:1])
+            train_loader=self.loader(s.train_x, s.train_y, stream_seed(self.seed, "device/shuffle")),
+            calib_x=calib_x, calib_y=calib_y, num_classes=self.info.num_classes, epochs=self.train_cfg.epochs,
+            lock_sites=tuple(getattr(self.probe, "lock_sites", ())), device=self.trainer.device, seed=self.seed,
+            secret_seed=secret_seed(self.runner.key, canonical_json(cache_key)), example_input=s.train_x[:1])
 
     def artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
         """The protector and its artifact for ``spec``, read from the cache once per workbench."""
@@ -101,16 +110,21 @@ class Workbench:
 
     def _make_artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
         protector = protectors.get(spec.name, **spec.params)
-        key = {"kind": "artifact", **self.base_key, "protector": spec.key(), "key_id": key_id(self.runner.key)}
+        key = {"kind": "artifact", **self.base_key, "protector": self.runner.plugin_key(spec),
+               "key_id": key_id(self.runner.key)}
 
         def make() -> Artifact:
             seed_everything(self.seed)
-            return protector.protect(self.clean, self.context(), self.runner.key)
+            return protector.protect(self.clean, self.context(key), self.runner.key)
 
         return protector, self.runner.cache.artifact(key, make)
 
     def thief_data(self, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return data.subset(self.splits.train_x, self.splits.train_y, fraction, seed)
+        return stratified_subset(self.splits.train_x, self.splits.train_y, fraction, stream_seed(seed, "thief/data"))
+
+    def thief_factory(self, seed: int):
+        """The architecture as the thief initializes it: a random stream of the thief's own, never the device's."""
+        return self.factory(init_seed=stream_seed(seed, "thief/init"))
 
     @functools.cached_property
     def clean_acc(self) -> float:
@@ -130,37 +144,37 @@ class Workbench:
             return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch")
 
         if epochs == 0:
-            model = self.factory(init_seed=10_000 + seed)().eval()
+            model = self.thief_factory(seed)().eval()
         else:
             key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed}
-            model = self.runner.cache.model(key, self.factory(init_seed=10_000 + seed), train)
+            model = self.runner.cache.model(key, self.thief_factory(seed), train)
         return self.trainer.evaluate(model, self.splits.test_x, self.splits.test_y)
 
     def thief_context(self, seed: int) -> ThiefContext:
         s = self.splits
         return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
                             test_y=s.test_y, num_classes=self.info.num_classes,
-                            lock_sites=tuple(self.probe.lock_sites), seed=seed)
+                            lock_sites=tuple(getattr(self.probe, "lock_sites", ())), seed=seed)
 
 
 class Runner:
     def __init__(self, cfg: RunConfig, out: str | Path, data_root: str | None = None, download: bool = False,
-                 key_file: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+                 key_file: str | None = None, key_format: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
                  profile: bool = True):
         self.cfg, self.out = cfg, Path(out)
         self.data_root, self.download, self.progress, self.do_profile = data_root, download, progress, profile
         root = Path(cache_dir) if cache_dir else data.cache_dir()
-        self.cache = Cache(root)
-        self.key = load_key(key_file) if key_file else self._default_key(root)
+        # No key given anywhere: the suite's own device key, outside any results directory, created once (0600).
+        self.key = load_key(key_file, key_format) or create_key_file(root / "device.key")
+        self.cache = Cache(root, self.key)
         self.store = RecordStore(self.out)
 
     @staticmethod
-    def _default_key(root: Path) -> bytes:
-        try:
-            return load_key()
-        except protectors.KeyMaterialError:
-            # The suite's own device key, outside any results directory, created once (mode 0600).
-            return create_key_file(root / "device.key")
+    def plugin_key(spec: PluginSpec, registry=None) -> dict[str, Any]:
+        """A protector's (or attack's) setting as it enters cache keys and cell hashes: name, parameters, and the
+        plugin's identity (package, version, code digest), so editing a plugin's code recomputes its cells."""
+        cls = (registry or protectors.protectors).get(spec.name)
+        return {**spec.key(), "plugin": plugin_identity(cls)}
 
     # -- the matrix ---------------------------------------------------------------------------------------------
     def cells(self) -> Iterator[tuple[str, Experiment, dict[str, Any]]]:
@@ -171,14 +185,15 @@ class Runner:
                 base = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
                         "train_subset": exp.train_subset}
                 for p in cfg.protectors:
-                    yield "effectiveness", exp, {"kind": "effectiveness", **base, "protector": p.key(),
-                                                 "label": p.label}
+                    pkey = self.plugin_key(p)
+                    yield "effectiveness", exp, {"kind": "effectiveness", **base, "protector": pkey, "label": p.label}
                     for a in cfg.attacks:
                         attack = attack_registry.get(a.name)(**a.params)
+                        akey = self.plugin_key(a, attack_registry)
                         for param in attack.cells():
                             for aseed in attack_seeds:
-                                yield "attack", exp, {"kind": "attack", **base, "protector": p.key(),
-                                                      "label": p.label, "attack": a.key(), "attack_label": a.label,
+                                yield "attack", exp, {"kind": "attack", **base, "protector": pkey,
+                                                      "label": p.label, "attack": akey, "attack_label": a.label,
                                                       "param": param, "attack_seed": aseed}
 
     def run(self) -> dict[str, int]:
@@ -219,14 +234,13 @@ class Runner:
         modes = {m: wb.trainer.evaluate(protector.deploy(artifact, self.key, fac, m), s.test_x, s.test_y)
                  for m in protector.modes}
         auth_acc = modes[protector.modes[0]]
-        # The thief's random init is not the device's: a different seed for anything the thief builds.
-        stolen_acc = wb.trainer.evaluate(protector.stolen(artifact, wb.factory(init_seed=10_000 + wb.seed)),
-                                         s.test_x, s.test_y)
+        # The thief's random init is not the device's: a stream of its own for anything the thief builds.
+        stolen_acc = wb.trainer.evaluate(protector.stolen(artifact, wb.thief_factory(wb.seed)), s.test_x, s.test_y)
         return {"clean_acc": clean_acc, "auth_acc": auth_acc, "acc_loss": clean_acc - auth_acc,
                 "auth_acc_by_mode": modes, "stolen_acc": stolen_acc,
                 "secret_bytes": protector.secret_bytes(artifact), "artifact_bytes": artifact.total_bytes,
                 "keyspace_bits": protector.keyspace_bits(artifact), "seconds": protect_s,
-                "chance": 1.0 / wb.info.num_classes}
+                "chance": 1.0 / wb.info.num_classes, "declaration": protector.declaration()}
 
     def attack(self, wb: Workbench, spec: PluginSpec, aspec: PluginSpec, param: str, aseed: int) -> dict[str, Any]:
         protector, artifact = wb.artifact(spec)
@@ -234,7 +248,7 @@ class Runner:
         why = attack.not_applicable(protector, artifact)
         if why:
             return {"applicable": False, "note": why}
-        loot = Loot(artifact=artifact, protector=protector, model_factory=wb.factory(init_seed=10_000 + aseed))
+        loot = Loot(artifact=artifact, protector=protector, model_factory=wb.thief_factory(aseed))
         ctx = wb.thief_context(aseed)
         t0 = time.perf_counter()
         seed_everything(aseed)
@@ -244,7 +258,7 @@ class Runner:
         extra, note = dict(o.extra), ""
         # Only now, outside the attack, the key: does the real secret still work on the attacked copy?
         try:
-            authorized = protector.authorize(o.model, artifact, self.key, kept=o.kept)
+            authorized = protector.authorize(o.model, artifact, self.key, pruned=o.pruned)
             auth_after = ctx.evaluate(authorized) if authorized is not None else None
         except (RuntimeError, protectors.BenchError) as exc:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"

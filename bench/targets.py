@@ -15,6 +15,7 @@ import torch
 
 from protectors.artifact import Artifact
 from protectors.base import ModelFactory, Protector
+from protectors.onnx_runtime import NotSupported
 from protectors.registry import Registry
 
 #: OpenSSL capability mask clearing AES-NI and PCLMULQDQ (leaf 1 ECX bits 25 and 1) and VAES/VPCLMULQDQ (leaf 7
@@ -97,8 +98,8 @@ class Cuda(TorchCpu1t):
         return x.to("cuda")
 
     def load(self, protector, artifact, key, factory, mode):
-        if protector.name == "aes" and mode == "per-inference":
-            raise NotImplementedError("n/a: per-inference decryption keeps weights in host memory")
+        if mode in protector.host_memory_modes:
+            raise NotImplementedError(f"n/a: {protector.name} {mode} keeps its weights in host memory")
         inner = super().load(protector, artifact, key, factory, mode)
 
         def run(x):
@@ -126,9 +127,7 @@ class OnnxRuntimeCpu1t(Target):
         return np.ascontiguousarray(x.numpy())
 
     def load(self, protector, artifact, key, factory, mode):
-        from . import onnx_deploy
-
         try:
-            return onnx_deploy.load(protector, artifact, key, factory, mode, threads=1)
-        except onnx_deploy.NotSupported as exc:
+            return protector.onnx_load(artifact, key, mode, threads=1)
+        except NotSupported as exc:
             raise NotImplementedError(str(exc)) from None

@@ -6,7 +6,9 @@ Built-ins are imported here so their names are always registered; third-party pr
 
 from . import aes, edgepro, none  # noqa: F401  (registers the built-ins)
 from .artifact import Artifact
-from .base import PluginContext, Protector
+from .base import SECRET_KINDS, PluginContext, Protector, latency_context
+from .onnx_runtime import NotSupported
+from .pruning import Pruned
 from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
 from .registry import Registry
 from .registry_instance import protectors
@@ -17,5 +19,6 @@ def get(name: str, **params) -> Protector:
     return protectors.get(name)(**params)
 
 
-__all__ = ["Artifact", "ArtifactError", "BenchError", "ConfigError", "DataError", "KeyMaterialError", "PluginContext",
-           "Protector", "Registry", "UnknownNameError", "get", "protectors"]
+__all__ = ["SECRET_KINDS", "Artifact", "ArtifactError", "BenchError", "ConfigError", "DataError", "KeyMaterialError",
+           "NotSupported", "PluginContext", "Protector", "Pruned", "Registry", "UnknownNameError", "get",
+           "latency_context", "protectors"]

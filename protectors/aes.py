@@ -8,6 +8,9 @@ Two deploy modes:
 Both decrypt into one preallocated buffer whose bytes *are* the model's parameters (zero-copy safetensors views),
 so no time goes to copies between bytes, NumPy and tensors. The thief holds only ciphertext: their model is the
 architecture with random weights.
+
+On ONNX Runtime, ``load`` decrypts the whole exported graph at load; ``per-inference`` exports the graph with every
+weight a graph input (the file holds no weights) and feeds it NumPy views of the decryption buffer.
 """
 
 from __future__ import annotations
@@ -15,22 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .artifact import Artifact, new_meta
+from . import onnx_runtime
 from .base import ModelFactory, PluginContext, Protector
-from .crypto import GcmDecryptor, encrypt, key_id, wipe_buffer
-from .errors import KeyMaterialError
-from .none import model_spec
+from .crypto import GcmDecryptor, wipe_buffer
 from .registry_instance import protectors
 from .weights import bind_views, safetensors_views, state_bytes
 
 BLOB = "model.enc"
-
-
-def check_key(artifact: Artifact, key: bytes) -> None:
-    """Tell a wrong key apart from tampering, using the key id recorded in the metadata."""
-    expected = artifact.meta.get("key_id")
-    if expected is not None and expected != key_id(key):
-        raise KeyMaterialError(f"{artifact.where}: wrong key (key id {key_id(key)}, artifact needs {expected})")
+GRAPH = "graph.onnx"
+GRAPH_INPUTS = "graph_inputs.txt"
 
 
 class PerInferenceModel(nn.Module):
@@ -49,32 +45,40 @@ class PerInferenceModel(nn.Module):
             wipe_buffer(self.decryptor.buffer)
 
 
+class _ParamsAsInputs(nn.Module):
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, x: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(self.model, dict(zip(self.names, tensors)), (x,))
+
+
 @protectors.register()
 class AesProtector(Protector):
-    """Whole-model AES-256-GCM encryption with a fresh 96-bit nonce, metadata bound as associated data."""
+    """Whole-model AES-256-GCM encryption with a fresh 96-bit nonce, bound to the artifact and file name."""
 
     name = "aes"
     modes = ("load", "per-inference")
+    secret_kind = "encrypted-weights"
+    host_memory_modes = ("per-inference",)
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes):
         weights = state_bytes(model)
-        meta = new_meta(self.name, self.param_dict(), model_spec(model), files=[BLOB], key_id=key_id(key),
-                        cipher="AES-256-GCM", plaintext_bytes=len(weights))
-        artifact = Artifact(meta)
-        artifact.files[BLOB] = encrypt(key, weights, artifact.aad())
+        artifact = self.new_artifact(model, key, cipher="AES-256-GCM", plaintext_bytes=len(weights))
+        artifact.put_encrypted(BLOB, weights, key)
         return artifact
 
-    def decryptor(self, artifact: Artifact, key: bytes) -> GcmDecryptor:
-        self.check_artifact(artifact)
-        check_key(artifact, key)
-        return GcmDecryptor(key, artifact.file(BLOB), artifact.aad(), f"{artifact.where}/{BLOB}")
+    def _bound_model(self, artifact, key, model_factory: ModelFactory) -> tuple[nn.Module, GcmDecryptor]:
+        """The model whose parameters live in a decryption buffer (decrypted now)."""
+        dec = artifact.decryptor(BLOB, key)
+        model = bind_views(model_factory(), safetensors_views(dec.decrypt(), f"{artifact.where}/{BLOB}"),
+                           artifact.where)
+        return model.eval(), dec
 
-    def deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
+    def deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
-        dec = self.decryptor(artifact, key)
-        plain = dec.decrypt()
-        model = bind_views(model_factory(), safetensors_views(plain, f"{artifact.where}/{BLOB}"), artifact.where)
-        model.eval()
+        model, dec = self._bound_model(artifact, key, model_factory)
         if mode == "load":
             model._aes_buffer = dec.buffer  # keep the buffer the parameters live in alive
             return model
@@ -82,11 +86,41 @@ class AesProtector(Protector):
         return PerInferenceModel(model, dec).eval()
 
     def stolen(self, artifact, model_factory):
-        self.check_artifact(artifact)
         return model_factory().eval()
 
-    def secret_bytes(self, artifact):
-        return len(artifact.file(BLOB))
+    def authorize(self, model, artifact, key, pruned=None):
+        return None  # the secret is the weights themselves: nothing to re-apply to other weights
 
-    def keyspace_bits(self, artifact):
-        return 256.0
+    def onnx_build(self, artifact, key, model_factory, mode, example):
+        if self.check_mode(mode) == "load":
+            return super().onnx_build(artifact, key, model_factory, mode, example)
+        model, dec = self._bound_model(artifact, key, model_factory)
+        try:
+            state = model.state_dict()
+            names = list(state)
+            graph = onnx_runtime.export(_ParamsAsInputs(model, names), example, list(state.values()))
+        finally:
+            wipe_buffer(dec.buffer)
+        artifact.put(GRAPH, graph)
+        artifact.put(GRAPH_INPUTS, "\n".join(names).encode())
+
+    def onnx_load(self, artifact, key, mode, threads=1):
+        if self.check_mode(mode) == "load":
+            return super().onnx_load(artifact, key, mode, threads)
+        dec = artifact.decryptor(BLOB, key)
+        views = safetensors_views(dec.decrypt(), f"{artifact.where}/{BLOB}")
+        names = artifact.file(GRAPH_INPUTS).decode().split("\n")
+        sess = onnx_runtime.session(artifact.file(GRAPH), threads)
+        wanted = onnx_runtime.graph_inputs(sess)
+        arrays = {f"rest_{i}": views[n].numpy() for i, n in enumerate(names) if f"rest_{i}" in wanted}
+        wipe_buffer(dec.buffer)
+        inner = onnx_runtime.bound(sess, arrays)
+
+        def run(x):
+            dec.decrypt()
+            try:
+                return inner(x)
+            finally:
+                wipe_buffer(dec.buffer)
+
+        return run

@@ -1,17 +1,34 @@
 """The protector interface, and the context the harness hands every plugin.
 
 A protector turns a trained model into an :class:`~protectors.artifact.Artifact` (what is deployed on the device)
-protected by a key (what the device's secure element holds). It must answer four questions for the harness:
+protected by a key (what the device's secure element holds). The harness never asks a protector for its name to
+decide anything: it reads what the class *declares* and calls the protector's own methods.
 
-- :meth:`Protector.protect` — build the artifact from a trained model and the plugin context;
-- :meth:`Protector.deploy` — the authorized device's runnable model, built from the artifact and the key;
-- :meth:`Protector.stolen` — what a thief who copied the artifact, not the key, can run;
-- :meth:`Protector.secret_bytes` / :meth:`Protector.keyspace_bits` — how much is encrypted, how large the key space.
+Declarations (class attributes):
+
+- ``secret_kind`` — what the secret is (one of :data:`SECRET_KINDS`, or a new kind of the plugin's own); attacks
+  state which kinds they apply to;
+- ``stolen_holds_weights`` — whether the thief's copy holds trained (if perturbed or locked) weights, so data-free
+  weight inspection applies (default: true unless the secret is the encrypted weights themselves);
+- ``claims_stolen_chance`` — whether the stolen copy is meant to be useless (near chance accuracy);
+- ``modes`` — deploy modes; the first is the default; ``host_memory_modes`` those that cannot move to a GPU.
+
+Methods a protector must write (abstract): :meth:`~Protector.protect`, :meth:`~Protector.deploy`,
+:meth:`~Protector.stolen`, :meth:`~Protector.authorize`. Everything else has a sound default:
+:meth:`~Protector.secret_bytes` (the encrypted files' size), :meth:`~Protector.keyspace_bits` (256, the AES key),
+:meth:`~Protector.onnx_build` / :meth:`~Protector.onnx_load` (the authorized model exported to ONNX, sealed with
+AES-GCM and decrypted at load), :meth:`~Protector.protect_for_latency` (:meth:`protect` with a context that trains
+nothing on synthetic data), :meth:`~Protector.compare_secret` (nothing).
+
+Authentication is not left to each plugin: every keyed entry point (``deploy``, ``authorize``, ``compare_secret``,
+``onnx_build``, ``onnx_load``) first checks that the artifact is this protector's and authenticates every file under
+the key; ``stolen`` checks the files' hashes; ``protect``'s artifact is sealed with the key on return.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterable, Protocol
@@ -22,15 +39,28 @@ from torch import nn
 
 from .artifact import Artifact
 from .errors import ArtifactError, ConfigError, did_you_mean
+from .pruning import Pruned
 
 ModelFactory = Callable[[], nn.Module]
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``run(x) -> logits`` on NumPy arrays: a model deployed on ONNX Runtime
+OnnxRunner = Callable[[np.ndarray], np.ndarray]
+
+#: secret kinds the built-in attacks know; a plugin may declare a new one (attacks that need a kind skip it)
+SECRET_KINDS = {
+    "none": "no secret: the thief runs what the device runs",
+    "encrypted-weights": "the weights themselves are ciphertext: the thief holds none of them",
+    "neuron-mask": "a multiplicative mask on some neurons at lock sites (EdgePro)",
+    "neuron-sign": "a sign key on some neurons at lock sites (HPNN)",
+    "weight-correction": "positions and original values of perturbed weights (NNSplitter, AdvParams)",
+    "withheld-weights": "part of the weights kept in a TEE; the thief's copy has them re-initialized",
+}
 
 
 class Trainer(Protocol):
     """One training loop; ``step(model, x, y) -> loss`` replaces the default cross-entropy step."""
 
-    def fit(self, model: nn.Module, loader: Iterable, epochs: int, step: Step | None = None,
+    def fit(self, model: nn.Module, loader: Iterable, epochs: int | None = None, step: Step | None = None,
             desc: str = "train", lr: float | None = None) -> nn.Module: ...
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float: ...
@@ -38,25 +68,58 @@ class Trainer(Protocol):
 
 @dataclasses.dataclass
 class PluginContext:
-    """What the harness hands a protector or attack: no need to import the harness itself.
+    """What the harness hands a protector: no need to import the harness itself.
 
-    ``train_loader`` yields shuffled ``(x, y)`` batches; ``calib_x`` is a small calibration set from the training
-    data; ``lock_sites`` and ``fold_producers`` are the model's declared defaults (site → the layer before it
-    whose weights a lock can be folded into).
+    ``train_loader`` yields shuffled ``(x, y)`` batches; ``calib_x``/``calib_y`` is a small labeled calibration set
+    from the training data; ``lock_sites`` are the model's declared default sites. ``seed`` is public (it is in the
+    config): use it for initialization and shuffling. ``secret_seed`` is derived from the device key and the
+    artifact's identity: use it (through :meth:`secret_rng`) for every draw that is part of the secret.
     """
 
     model_factory: ModelFactory
     trainer: Trainer
     train_loader: Iterable
     calib_x: torch.Tensor
+    calib_y: torch.Tensor
     num_classes: int
     epochs: int
     lock_sites: tuple[str, ...]
-    fold_producers: dict[str, str]
     device: torch.device
     seed: int
-    rng: np.random.Generator
+    secret_seed: int
     example_input: torch.Tensor
+
+    def secret_rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.secret_seed)
+
+
+class NoTraining:
+    """A trainer that trains nothing: latency artifacts have the right layout, their weights' values do not matter."""
+
+    device = torch.device("cpu")
+
+    def fit(self, model, loader, epochs=None, step=None, desc="train", lr=None):
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate(self, model, x, y, batch=1000):
+        model.eval()
+        return float((torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) == y)
+                     .float().mean()) if len(x) else 0.0
+
+
+def latency_context(model_factory: ModelFactory, example_input: torch.Tensor, num_classes: int,
+                    secret_seed: int, samples: int = 64) -> PluginContext:
+    """A context with synthetic data and a trainer that trains nothing: enough to build a latency-only artifact
+    with the same layout as a real one, without any dataset."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, *example_input.shape[1:], generator=gen)
+    y = torch.randint(0, num_classes, (samples,), generator=gen)
+    probe = model_factory()
+    return PluginContext(model_factory=model_factory, trainer=NoTraining(), train_loader=[(x, y)], calib_x=x,
+                         calib_y=y, num_classes=num_classes, epochs=1,
+                         lock_sites=tuple(getattr(probe, "lock_sites", ())), device=torch.device("cpu"), seed=0,
+                         secret_seed=secret_seed, example_input=example_input[:1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +141,106 @@ class Configurable:
         return dataclasses.asdict(self.params)
 
 
+def _keyed(fn):
+    """Wrap a keyed entry point ``fn(self, artifact, key, ...)``: check and authenticate the artifact first."""
+
+    @functools.wraps(fn)
+    def wrapper(self, artifact, key, *args, **kwargs):
+        self.open(artifact, key)
+        return fn(self, artifact, key, *args, **kwargs)
+
+    wrapper._keyed = True
+    return wrapper
+
+
+def _integrity_checked(fn):
+    @functools.wraps(fn)
+    def wrapper(self, artifact, *args, **kwargs):
+        self.check_artifact(artifact)
+        artifact.check_integrity()
+        return fn(self, artifact, *args, **kwargs)
+
+    wrapper._keyed = True
+    return wrapper
+
+
+def _sealed(fn):
+    @functools.wraps(fn)
+    def wrapper(self, model, ctx, key, *args, **kwargs):
+        artifact = fn(self, model, ctx, key, *args, **kwargs)
+        if not isinstance(artifact, Artifact):
+            raise TypeError(f"protector {self.name!r}: {fn.__name__} must return an Artifact, got {artifact!r}")
+        if artifact.meta.get("protector") != self.name:
+            raise TypeError(f"protector {self.name!r}: its artifact says protector {artifact.meta.get('protector')!r}")
+        artifact.seal(key)
+        if self.secret_kind != "none" and self.secret_bytes(artifact) <= 0:
+            raise TypeError(f"protector {self.name!r} declares secret kind {self.secret_kind!r} but its artifact "
+                            "holds no secret bytes (encrypt the secret with Artifact.put_encrypted, or override "
+                            "secret_bytes)")
+        return artifact
+
+    wrapper._keyed = True
+    return wrapper
+
+
+_WRAPPERS = {"deploy": _keyed, "authorize": _keyed, "compare_secret": _keyed, "onnx_build": _keyed,
+             "onnx_load": _keyed, "stolen": _integrity_checked, "protect": _sealed, "protect_for_latency": _sealed}
+
+
 class Protector(Configurable, ABC):
-    """Base class of protectors. Subclasses set ``name``, ``Params`` (a dataclass) and ``modes``."""
+    """Base class of protectors: see the module docstring for what to declare and what to write."""
 
     kind = "protector"
     modes: ClassVar[tuple[str, ...]] = ("default",)
+    secret_kind: ClassVar[str]
+    stolen_holds_weights: ClassVar[bool | None] = None
+    claims_stolen_chance: ClassVar[bool | None] = None
+    #: modes whose weights must stay in host memory (e.g. decrypted per inference): n/a on accelerators
+    host_memory_modes: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, wrap in _WRAPPERS.items():
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_keyed", False):
+                setattr(cls, name, wrap(fn))
+        if "secret_kind" in cls.__dict__ and not isinstance(cls.secret_kind, str):
+            raise TypeError(f"{cls.__name__}.secret_kind must be a string")
+
+    def __init__(self, **params: Any):
+        if not isinstance(getattr(type(self), "secret_kind", None), str):
+            raise TypeError(f"protector {self.name!r} must declare secret_kind (one of {', '.join(SECRET_KINDS)}, "
+                            "or a kind of its own)")
+        super().__init__(**params)
+
+    # -- declarations --------------------------------------------------------------------------------------------
+    @property
+    def holds_weights(self) -> bool:
+        """Whether the thief's copy holds trained weights (data-free weight inspection applies)."""
+        v = self.stolen_holds_weights
+        return self.secret_kind != "encrypted-weights" if v is None else bool(v)
+
+    @property
+    def claims_chance(self) -> bool:
+        v = self.claims_stolen_chance
+        return self.secret_kind != "none" if v is None else bool(v)
+
+    def declaration(self) -> dict[str, Any]:
+        """What the protector declares, as recorded beside its results."""
+        return {"secret_kind": self.secret_kind, "holds_weights": self.holds_weights,
+                "claims_chance": self.claims_chance, "modes": list(self.modes)}
+
+    # -- checks shared by every protector ------------------------------------------------------------------------
     def check_artifact(self, artifact: Artifact) -> None:
         if artifact.meta.get("protector") != self.name:
             raise ArtifactError(
                 f"{artifact.where}: made by protector {artifact.meta.get('protector')!r}, not {self.name!r}"
             )
+
+    def open(self, artifact: Artifact, key: bytes) -> None:
+        """Check that ``artifact`` is this protector's and authenticate every file of it under ``key``."""
+        self.check_artifact(artifact)
+        artifact.verify(key)
 
     def check_mode(self, mode: str | None) -> str:
         mode = mode or self.modes[0]
@@ -96,9 +248,19 @@ class Protector(Configurable, ABC):
             raise ConfigError(f"protector {self.name!r}: unknown mode {mode!r} (allowed: {', '.join(self.modes)})")
         return mode
 
+    def new_artifact(self, model: nn.Module, key: bytes, **extra: Any) -> Artifact:
+        """An empty artifact of this protector for ``model`` (public parameters and model spec in its metadata)."""
+        spec = dict(getattr(model, "spec", {}) or {"class": type(model).__name__})
+        return Artifact.new(self.name, self.public_params(), spec, key, **extra)
+
+    def public_params(self) -> dict[str, Any]:
+        """Parameters written in plaintext metadata (override to keep secret ones out)."""
+        return self.param_dict()
+
+    # -- what every protector writes -----------------------------------------------------------------------------
     @abstractmethod
     def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
-        """Build the deployable artifact from a normally trained ``model``."""
+        """Build the deployable artifact from a normally trained ``model`` (sealed with ``key`` on return)."""
 
     @abstractmethod
     def deploy(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str | None = None) -> nn.Module:
@@ -108,34 +270,55 @@ class Protector(Configurable, ABC):
     def stolen(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
         """What a thief holding the artifact but not the key can run (eval mode)."""
 
+    @abstractmethod
     def authorize(self, model: nn.Module, artifact: Artifact, key: bytes,
-                  kept: dict[str, list[int]] | None = None) -> nn.Module | None:
-        """Apply the secret to other weights of the same architecture (e.g. a fine-tuned stolen copy).
+                  pruned: Pruned | None = None) -> nn.Module | None:
+        """Apply the secret to an attacked copy (same architecture, maybe fine-tuned or structurally pruned).
 
-        ``kept`` maps lock sites to the neuron indices that survived structured pruning, so a per-neuron secret can
-        be sliced to match. Returns ``None`` where the secret is not separable from the weights (whole-model
-        encryption).
+        ``pruned`` says which output channels of which modules survived structured pruning, so a per-neuron secret
+        can be sliced to match (:meth:`Pruned.kept_at`). Return ``None`` only where the secret cannot be separated
+        from the weights (whole-model encryption): the table then shows no ``auth_acc_after``.
         """
-        return None
+
+    # -- defaults --------------------------------------------------------------------------------------------------
+    def secret_bytes(self, artifact: Artifact) -> int:
+        """Bytes under encryption (what must be decrypted with the key): the artifact's encrypted files."""
+        return artifact.secret_bytes
+
+    def keyspace_bits(self, artifact: Artifact) -> float:
+        """log2 of the guesses a thief needs: the 256-bit key by default (override when the secret is smaller)."""
+        return 0.0 if self.secret_kind == "none" else 256.0
 
     def compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:
         """How close an attacker's ``guess`` of the secret is to the real one (reporting only)."""
         return {}
 
-    def protect_for_latency(self, model: nn.Module, ctx: PluginContext | None, key: bytes) -> Artifact:
-        """An artifact with the same layout and sizes as :meth:`protect`, for latency only (weights untrained).
+    def protect_for_latency(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        """An artifact with the same layout and sizes as :meth:`protect`, for latency only.
 
-        Latency does not depend on the weights' values, so the profiler needs no dataset. Protectors whose
-        :meth:`protect` trains override this to skip the training.
+        The harness passes a :func:`latency_context` (synthetic data, a trainer that trains nothing), so the
+        default, :meth:`protect` itself, needs no dataset. Override when protecting is slow even without training.
         """
-        return self.protect(model, ctx, key)  # type: ignore[arg-type]
+        return self.protect(model, ctx, key)
 
-    def secret_bytes(self, artifact: Artifact) -> int:
-        """Bytes under encryption (what must be decrypted with the key)."""
-        return 0
+    def onnx_build(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str,
+                   example: torch.Tensor) -> None:
+        """Add to ``artifact`` (:meth:`Artifact.put`, :meth:`Artifact.put_encrypted`) the files a device needs to
+        run ``mode`` on ONNX Runtime; the harness seals the artifact again afterwards.
 
-    def keyspace_bits(self, artifact: Artifact) -> float:
-        return 0.0
+        Default: the authorized model exported whole, encrypted with AES-GCM, decrypted at load (no cost per
+        inference; the secret is exposed in memory like AES's decrypt-at-load). Raise
+        :class:`~protectors.onnx_runtime.NotSupported` with the reason where a mode has no ONNX deployment.
+        """
+        from . import onnx_runtime
+
+        onnx_runtime.sealed_graph(self.deploy(artifact, key, model_factory, mode), example, artifact, key)
+
+    def onnx_load(self, artifact: Artifact, key: bytes, mode: str, threads: int = 1) -> OnnxRunner:
+        """Cold start on ONNX Runtime for the files :meth:`onnx_build` made; returns ``run(x)``."""
+        from . import onnx_runtime
+
+        return onnx_runtime.load_sealed_graph(artifact, key, threads)
 
 
 def build_params(cls: type, params: dict[str, Any], where: str) -> Any:

@@ -1,72 +1,154 @@
-"""AES-256-GCM for artifacts, and loading the device key.
+"""AES-256-GCM and HMAC for artifacts, sub-keys derived from the device key, and strict key loading.
 
 The key stands for what a device's secure element holds: it comes from a key file or an environment variable,
-never from an artifact or a results directory. Artifacts carry a *key id* (a domain-separated SHA-256 of the key,
-which reveals nothing about the key) so that a wrong key is told apart from a tampered artifact.
+never from an artifact or a results directory. Nothing uses the device key directly: every purpose gets its own
+sub-key by HKDF-SHA256 (:func:`derive`), so the encryption key, the artifact MAC key and the seeds of secret draws
+are independent. Artifacts carry a *key id* (a domain-separated SHA-256 of the key, which reveals nothing about
+it) so that a wrong key is told apart from a tampered artifact.
+
+Key input is strict: a key given in any form that does not parse is an error, never a fallback to another key;
+hex and raw keys are told apart by an explicit format (``hex`` by default), never by length; weak keys (one byte
+repeated, e.g. all zeros) are refused; a key file readable by group or others gives a warning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import hmac
 import os
 import secrets
 import stat
+import warnings
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ArtifactError, KeyMaterialError
 
 KEY_ENV = "EDGEPRO_BENCH_KEY"
 KEY_FILE_ENV = "EDGEPRO_BENCH_KEY_FILE"
+KEY_FORMAT_ENV = "EDGEPRO_BENCH_KEY_FORMAT"
+KEY_FORMATS = ("hex", "raw")
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+
+
+class KeyFileWarning(UserWarning):
+    """A key file that others can read."""
 
 
 def key_id(key: bytes) -> str:
     return hashlib.sha256(b"edgepro-bench key id\x00" + key).hexdigest()[:16]
 
 
-def _parse_key(raw: bytes, where: str) -> bytes:
-    text = raw.strip()
-    if len(raw) == KEY_BYTES:
-        return bytes(raw)
-    try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise KeyMaterialError(f"{where}: expected a 256-bit key as 32 raw bytes or 64 hex digits")
+def derive(key: bytes, purpose: str, context: bytes = b"", length: int = KEY_BYTES) -> bytes:
+    """A sub-key for one ``purpose`` (and ``context``), independent of every other sub-key (HKDF-SHA256)."""
+    info = b"edgepro-bench/" + purpose.encode() + b"\x00" + context
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+
+
+def secret_seed(key: bytes, context: bytes) -> int:
+    """A 128-bit seed for secret draws (e.g. EdgePro's password), reproducible only for whoever holds the key."""
+    return int.from_bytes(derive(key, "secret-rng", context, 16), "big")
+
+
+def mac(key: bytes, data: bytes) -> str:
+    """HMAC-SHA256 of ``data`` under the artifact MAC sub-key, hex."""
+    return hmac.new(derive(key, "artifact-mac"), data, hashlib.sha256).hexdigest()
+
+
+def mac_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def parse_key(raw: bytes, where: str, fmt: str = "hex") -> bytes:
+    """The 256-bit key in ``raw`` read as ``fmt`` (``hex``: 64 hex digits, surrounding whitespace allowed;
+    ``raw``: exactly 32 bytes). Anything else, and weak keys, raise :class:`KeyMaterialError` naming ``where``."""
+    if fmt not in KEY_FORMATS:
+        raise KeyMaterialError(f"{where}: unknown key format {fmt!r} (allowed: {', '.join(KEY_FORMATS)})")
+    if fmt == "raw":
+        if len(raw) != KEY_BYTES:
+            raise KeyMaterialError(f"{where}: a raw key must be exactly {KEY_BYTES} bytes, got {len(raw)}")
+        key = bytes(raw)
+    else:
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise KeyMaterialError(f"{where}: not a hex key (non-ASCII bytes; for a binary key use key format "
+                                   f"'raw')") from None
+        if not text:
+            raise KeyMaterialError(f"{where}: empty key")
+        if any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise KeyMaterialError(f"{where}: not a hex key (expected {2 * KEY_BYTES} hex digits)")
+        if len(text) != 2 * KEY_BYTES:
+            raise KeyMaterialError(f"{where}: expected a 256-bit key as {2 * KEY_BYTES} hex digits, got "
+                                   f"{len(text)} ({len(text) * 4} bits)")
+        key = bytes.fromhex(text)
+    if len(set(key)) == 1:
+        raise KeyMaterialError(f"{where}: weak key refused (every byte is 0x{key[0]:02x})")
     return key
 
 
-def load_key(key_file: str | os.PathLike | None = None) -> bytes:
-    """Read the device key from ``key_file``, else ``$EDGEPRO_BENCH_KEY`` (hex), else ``$EDGEPRO_BENCH_KEY_FILE``."""
-    if key_file is None and os.environ.get(KEY_ENV):
-        return _parse_key(os.environ[KEY_ENV].encode(), f"${KEY_ENV}")
-    key_file = key_file or os.environ.get(KEY_FILE_ENV)
-    if not key_file:
-        raise KeyMaterialError(f"no key: pass a key file or set ${KEY_ENV} to 64 hex digits")
-    path = Path(key_file)
+def _warn_if_readable(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.warn(f"{path}: key file is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                      f"chmod 600 it", KeyFileWarning, stacklevel=3)
+
+
+def read_key_file(path: str | os.PathLike, fmt: str = "hex") -> bytes:
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise KeyMaterialError(f"{path}: cannot read key file ({exc.strerror})") from exc
-    return _parse_key(raw, str(path))
+        raise KeyMaterialError(f"{path}: cannot read key file ({exc.strerror})") from None
+    _warn_if_readable(path)
+    return parse_key(raw, str(path), fmt)
+
+
+def key_format(fmt: str | None = None) -> str:
+    return fmt or os.environ.get(KEY_FORMAT_ENV) or "hex"
+
+
+def load_key(key_file: str | os.PathLike | None = None, fmt: str | None = None) -> bytes | None:
+    """The device key from ``key_file``, else ``$EDGEPRO_BENCH_KEY`` (hex), else ``$EDGEPRO_BENCH_KEY_FILE``.
+
+    Returns ``None`` only when no source is given at all; a source that is given but unusable is an error.
+    """
+    fmt = key_format(fmt)
+    if key_file is not None:
+        return read_key_file(key_file, fmt)
+    if KEY_ENV in os.environ:
+        return parse_key(os.environ[KEY_ENV].encode(), f"${KEY_ENV}", "hex")
+    if KEY_FILE_ENV in os.environ:
+        if not os.environ[KEY_FILE_ENV]:
+            raise KeyMaterialError(f"${KEY_FILE_ENV}: set but empty")
+        return read_key_file(os.environ[KEY_FILE_ENV], fmt)
+    return None
 
 
 def create_key_file(path: str | os.PathLike) -> bytes:
     """Create a fresh random key file (mode 0600) if none exists; return the key it holds."""
     path = Path(path)
     if path.exists():
-        return load_key(path)
+        return read_key_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    while len(set(key)) == 1:  # astronomically unlikely, but parse_key would refuse it
+        key = secrets.token_bytes(KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:  # another process created it first: use theirs
+        return read_key_file(path)
     with os.fdopen(fd, "w") as fh:
         fh.write(key.hex() + "\n")
     return key
@@ -78,20 +160,24 @@ def _check_length(blob: bytes, what: str) -> None:
 
 
 def _auth_failed(what: str) -> ArtifactError:
-    return ArtifactError(f"{what}: authentication failed (ciphertext, nonce or metadata tampered)")
+    return ArtifactError(f"{what}: authentication failed (ciphertext, nonce or its binding to the artifact tampered)")
+
+
+def _aead_key(key: bytes) -> bytes:
+    return derive(key, "aead")
 
 
 def encrypt(key: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
     """Return ``nonce || ciphertext || tag`` under a fresh random 96-bit nonce."""
     nonce = secrets.token_bytes(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, bytes(plaintext), aad)
+    return nonce + AESGCM(_aead_key(key)).encrypt(nonce, bytes(plaintext), aad)
 
 
 def decrypt(key: bytes, blob: bytes, aad: bytes, what: str) -> bytes:
     """Authenticate and decrypt ``blob``; raise :class:`ArtifactError` naming ``what`` on any failure."""
     _check_length(blob, what)
     try:
-        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        return AESGCM(_aead_key(key)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
     except InvalidTag:
         raise _auth_failed(what) from None
 
@@ -105,7 +191,7 @@ class GcmDecryptor:
 
     def __init__(self, key: bytes, blob: bytes, aad: bytes, what: str):
         _check_length(blob, what)
-        self._key = key
+        self._key = _aead_key(key)
         self._nonce = blob[:NONCE_BYTES]
         self._tag = blob[-TAG_BYTES:]
         self._ct = memoryview(blob)[NONCE_BYTES:-TAG_BYTES]

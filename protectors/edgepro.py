@@ -11,12 +11,16 @@ applied.
    ``ceil(gamma·n)`` neurons, fitness decreasing linearly with rank.
 3. **Lock training** from scratch: in every batch a ``locked_fraction`` of the samples is *locked* (password applied,
    true labels) and the rest *released* (no mask, uniformly random labels). Masks are per-sample tensors.
-4. **Artifact** — plaintext weights plus the password encrypted with AES-256-GCM; the associated data is the
-   metadata, which holds the weights' SHA-256, so swapped or tampered weights are detected.
+4. **Artifact** — plaintext weights plus the password encrypted with AES-256-GCM; every file is authenticated
+   by the key (see :mod:`protectors.artifact`), so swapped or tampered weights are detected.
+
+The password's draw is seeded from the device key (``ctx.secret_rng()``), never from the public config seed:
+whoever holds the config and the clean model cannot recompute it.
 
 Deploy modes: ``mask`` multiplies inside the graph, in place (one ``Mul`` per site in ONNX, where the mask is a
 graph input); ``fold`` scales the producing layer's weights once at load (zero cost per inference; only for sites
-whose model declares a foldable producer, and λ, s ≥ 0).
+whose model declares a foldable producer, and λ, s ≥ 0). On ONNX Runtime, ``mask`` feeds the decrypted masks as
+graph inputs (the password is never in the ONNX file) and ``fold`` overrides the producers' initializers at load.
 """
 
 from __future__ import annotations
@@ -32,19 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lock
-from .aes import check_key
-from .artifact import Artifact, new_meta
-from .base import ModelFactory, PluginContext, Protector
-from .crypto import decrypt, encrypt, key_id
+from . import lock, onnx_runtime
+from .artifact import Artifact
+from .base import PluginContext, Protector
 from .errors import ArtifactError, ConfigError
-from .hashing import sha256_hex
-from .none import WEIGHTS, model_spec
+from .none import WEIGHTS, load_weights
 from .registry_instance import protectors
 from .seeding import torch_generator
-from .weights import load_state_bytes, state_bytes
+from .weights import state_bytes
 
 BLOB = "password.enc"
+ONNX = "model.onnx"
+ONNX_SITES = "graph_inputs.txt"
+FOLD_PRODUCERS = "fold_producers.json"
 #: parameters that are part of the password, so never written to the plaintext metadata.
 SECRET_PARAMS = ("lock_value", "scale", "sites")
 
@@ -190,20 +194,46 @@ def lock_step(sites: dict[str, lock.LockedSite], password: Password, num_classes
     return step
 
 
-@torch.no_grad()
-def fold_password(model: nn.Module, password: Password, producers: dict[str, str]) -> nn.Module:
-    """Scale each site's producing layer per output neuron by the mask (exact for ReLU/max-pool paths, mask ≥ 0)."""
+def fold_masks(password: Password, producers: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Producer layer name → the mask to fold into its output neurons (exact for ReLU/max-pool paths, mask ≥ 0)."""
+    out = {}
     for site in password.neurons:
         if site not in producers:
             raise ConfigError(f"edgepro fold mode: site {site!r} has no foldable producer in this model")
         m = password.mask(site)
         if (m < 0).any():
             raise ConfigError("edgepro fold mode needs lock_value >= 0 and scale >= 0")
-        layer = model.get_submodule(producers[site])
+        out[producers[site]] = m
+    return out
+
+
+@torch.no_grad()
+def fold_password(model: nn.Module, password: Password, producers: dict[str, str]) -> nn.Module:
+    """Scale each site's producing layer per output neuron by the mask."""
+    for name, m in fold_masks(password, producers).items():
+        layer = model.get_submodule(name)
         layer.weight.mul_(m.view(-1, *([1] * (layer.weight.dim() - 1))))
         if getattr(layer, "bias", None) is not None:
             layer.bias.mul_(m)
     return model
+
+
+class _MaskInputs(nn.Module):
+    """The masked model with each site's mask a graph input (for ONNX export)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+        self.sites = [model.get_submodule(n) for n in names]
+
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        for site, m in zip(self.sites, masks):
+            site.external = m
+        try:
+            return self.model(x)
+        finally:
+            for site in self.sites:
+                site.external = None
 
 
 @protectors.register()
@@ -213,6 +243,10 @@ class EdgeProProtector(Protector):
     name = "edgepro"
     Params = EdgeProParams
     modes = ("mask", "fold")
+    secret_kind = "neuron-mask"
+
+    def public_params(self):
+        return {k: v for k, v in self.param_dict().items() if k not in SECRET_PARAMS}
 
     def choose_password(self, model: nn.Module, ctx: PluginContext) -> Password:
         p = self.params
@@ -221,56 +255,36 @@ class EdgeProProtector(Protector):
         if missing:
             raise ConfigError(f"protector 'edgepro': parameter 'sites' names {missing[0]!r}, not a module of the model")
         ranks = rank_neurons(model, sites, ctx.calib_x[: p.calib_samples])
-        neurons = {s: select_neurons(ranks[s], p.gamma, p.pool, ctx.rng) for s in sites}
+        rng = ctx.secret_rng()  # from the key: the public seed must not reproduce the password
+        neurons = {s: select_neurons(ranks[s], p.gamma, p.pool, rng) for s in sites}
         return Password(neurons, {s: len(r) for s, r in ranks.items()}, p.lock_value, p.scale)
 
     def lock_train(self, password: Password, ctx: PluginContext) -> nn.Module:
         torch.manual_seed(ctx.seed)
         model = ctx.model_factory().to(ctx.device)
         sites = lock.install(model, password.neurons)
-        step = lock_step(sites, password, ctx.num_classes, self.params.locked_fraction, torch_generator(ctx.seed + 1))
+        gen = torch_generator(ctx.secret_seed % 2**63)  # which samples are locked also tells the password apart
+        step = lock_step(sites, password, ctx.num_classes, self.params.locked_fraction, gen)
         ctx.trainer.fit(model, ctx.train_loader, self.params.epochs or ctx.epochs, step=step, desc="edgepro lock")
         return lock.remove(model).cpu().eval()
 
     def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         password = self.choose_password(model, ctx)
         locked = self.lock_train(password, ctx)
-        return self.package(locked, password, key)
-
-    def protect_for_latency(self, model: nn.Module, ctx: PluginContext | None, key: bytes) -> Artifact:
-        """A password drawn at random (right counts per site) on untrained weights: same layout, no training."""
-        p = self.params
-        sites = tuple(p.sites) if p.sites is not None else tuple(model.lock_sites)
-        widths = lock.site_widths(model, sites, ctx.example_input)
-        rng = np.random.default_rng(0)
-        neurons = {s: select_neurons(rng.permutation(n), p.gamma, p.pool, rng) for s, n in widths.items()}
-        return self.package(model, Password(neurons, widths, p.lock_value, p.scale), key)
-
-    def package(self, model: nn.Module, password: Password, key: bytes) -> Artifact:
-        weights = state_bytes(model)
-        public = {k: v for k, v in self.param_dict().items() if k not in SECRET_PARAMS}
-        meta = new_meta(self.name, public, model_spec(model), files=[WEIGHTS, BLOB],
-                        sha256={WEIGHTS: sha256_hex(weights)}, key_id=key_id(key), cipher="AES-256-GCM",
-                        keyspace_bits=password.keyspace_bits())
-        artifact = Artifact(meta, {WEIGHTS: weights})
-        artifact.files[BLOB] = encrypt(key, password.to_bytes(), artifact.aad())
+        artifact = self.new_artifact(locked, key, cipher="AES-256-GCM", keyspace_bits=password.keyspace_bits())
+        artifact.put(WEIGHTS, state_bytes(locked))
+        artifact.put_encrypted(BLOB, password.to_bytes(), key)
         return artifact
 
     def password(self, artifact: Artifact, key: bytes) -> Password:
-        """Check the weights' hash, then authenticate and decrypt the password."""
-        self.check_artifact(artifact)
-        artifact.check_hashes()
-        check_key(artifact, key)
-        what = f"{artifact.where}/{BLOB}"
-        return Password.from_bytes(decrypt(key, artifact.file(BLOB), artifact.aad(), what), what)
-
-    def _weights(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
-        return load_state_bytes(model_factory(), artifact.file(WEIGHTS), f"{artifact.where}/{WEIGHTS}").eval()
+        """Authenticate the artifact, then decrypt the password."""
+        self.open(artifact, key)
+        return Password.from_bytes(artifact.decrypt(BLOB, key), f"{artifact.where}/{BLOB}")
 
     def deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
         password = self.password(artifact, key)
-        model = self._weights(artifact, model_factory)
+        model = load_weights(artifact, model_factory)
         if mode == "fold":
             return fold_password(model, password, getattr(model, "fold_producers", {}))
         try:
@@ -280,14 +294,12 @@ class EdgeProProtector(Protector):
                                 "which the model does not have") from None
 
     def stolen(self, artifact, model_factory):
-        self.check_artifact(artifact)
-        artifact.check_hashes()
-        return self._weights(artifact, model_factory)
+        return load_weights(artifact, model_factory)
 
-    def authorize(self, model, artifact, key, kept=None):
+    def authorize(self, model, artifact, key, pruned=None):
         password = self.password(artifact, key)
-        if kept:
-            password = password.sliced(kept)
+        if pruned is not None:
+            password = password.sliced(pruned.kept_at(model, list(password.neurons)))
         return apply_password(copy.deepcopy(model), password).eval()
 
     def compare_secret(self, artifact, key, guess):
@@ -296,8 +308,47 @@ class EdgeProProtector(Protector):
         overlap = self.password(artifact, key).overlap(guess)
         return {"overlap": overlap, "overlap_mean": float(np.mean(list(overlap.values())))}
 
-    def secret_bytes(self, artifact):
-        return len(artifact.file(BLOB))
-
     def keyspace_bits(self, artifact):
         return float(artifact.meta.get("keyspace_bits", 0.0))
+
+    # -- ONNX Runtime ------------------------------------------------------------------------------------------
+    def onnx_build(self, artifact, key, model_factory, mode, example):
+        mode = self.check_mode(mode)
+        if mode == "fold":
+            model = load_weights(artifact, model_factory)
+            fold_masks(self.password(artifact, key), getattr(model, "fold_producers", {}))  # foldable at all?
+            artifact.put(ONNX, onnx_runtime.export(model, example))
+            artifact.put(FOLD_PRODUCERS, json.dumps(getattr(model, "fold_producers", {})).encode())
+            return
+        model = self.deploy(artifact, key, model_factory, "mask")
+        sites = sorted(lock.sites_of(model))
+        with torch.no_grad():
+            model(example)  # each site learns its activation's rank; masks are fed already shaped to broadcast
+        masks = [model.get_submodule(s).view for s in sites]
+        artifact.put(ONNX, onnx_runtime.export(_MaskInputs(model, sites), example, masks))
+        artifact.put(ONNX_SITES, "\n".join(sites).encode())
+
+    def onnx_load(self, artifact, key, mode, threads=1):
+        mode = self.check_mode(mode)
+        password = self.password(artifact, key)
+        if mode == "fold":
+            # Fold at load: the producers' weights, scaled by the password's masks, override the ONNX initializers.
+            from safetensors.numpy import load as np_load
+
+            masks = fold_masks(password, json.loads(artifact.file(FOLD_PRODUCERS)))
+            weights = np_load(artifact.file(WEIGHTS))
+            folded = {}
+            for producer, mask in masks.items():
+                for suffix in ("weight", "bias"):
+                    w = weights.get(f"{producer}.{suffix}")
+                    if w is not None:
+                        folded[f"{producer}.{suffix}"] = np.ascontiguousarray(
+                            w * mask.numpy().reshape(-1, *([1] * (w.ndim - 1))))
+            graph = onnx_runtime.replace_initializers(artifact.file(ONNX), folded)
+            return onnx_runtime.bound(onnx_runtime.session(graph, threads))
+        sess = onnx_runtime.session(artifact.file(ONNX), threads)
+        sites = artifact.file(ONNX_SITES).decode().split("\n")
+        shapes = onnx_runtime.graph_inputs(sess)
+        feed = {f"rest_{i}": password.mask(s).numpy().reshape(shapes[f"rest_{i}"])
+                for i, s in enumerate(sites) if f"rest_{i}" in shapes}
+        return onnx_runtime.bound(sess, feed)

@@ -31,12 +31,6 @@ def load_state_bytes(model: nn.Module, data: bytes | bytearray | memoryview, wha
     return model
 
 
-@torch.no_grad()
-def copy_params(dst: nn.Module, src: nn.Module) -> None:
-    for d, s in zip(dst.state_dict().values(), src.state_dict().values()):
-        d.copy_(s)
-
-
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}

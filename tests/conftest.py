@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -36,13 +35,13 @@ def clean_lenet(digits, lenet_factory, trainer):
     return trainer.fit(lenet_factory(), data.BatchLoader(digits.train_x, digits.train_y, 32, 0))
 
 
-def make_context(splits, factory, trainer, epochs=40, seed=0):
+def make_context(splits, factory, trainer, epochs=40, seed=0, secret_seed=12345):
     probe = factory()
     return PluginContext(model_factory=factory, trainer=trainer,
                          train_loader=data.BatchLoader(splits.train_x, splits.train_y, 32, seed + 1),
-                         calib_x=splits.train_x[:200], num_classes=splits.info.num_classes, epochs=epochs,
-                         lock_sites=tuple(probe.lock_sites), fold_producers=dict(probe.fold_producers),
-                         device=torch.device("cpu"), seed=seed, rng=np.random.default_rng(seed),
+                         calib_x=splits.train_x[:200], calib_y=splits.train_y[:200],
+                         num_classes=splits.info.num_classes, epochs=epochs, lock_sites=tuple(probe.lock_sites),
+                         device=torch.device("cpu"), seed=seed, secret_seed=secret_seed,
                          example_input=splits.train_x[:1])
 
 
@@ -54,6 +53,11 @@ def ctx(digits, lenet_factory, trainer):
 @pytest.fixture(scope="session")
 def key():
     return bytes(range(32))
+
+
+@pytest.fixture(scope="session")
+def other_key():
+    return bytes(range(1, 33))
 
 
 @pytest.fixture(scope="session")

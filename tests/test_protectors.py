@@ -69,8 +69,11 @@ def test_aes_tampered_blob_is_named(clean_lenet, ctx, key, lenet_factory, tmp_pa
     art = Artifact.load(p.protect(clean_lenet, ctx, key).save(tmp_path / "aes"))
     at = {"nonce": 3, "ciphertext": 100, "tag": -2}[where]
     art.files["model.enc"] = _flip(art.files["model.enc"], at)
-    with pytest.raises(ArtifactError, match=r"aes/model.enc: authentication failed"):
+    with pytest.raises(ArtifactError, match=r"aes/model.enc: SHA-256 mismatch"):
         p.deploy(art, key, lenet_factory, "load")
+    # Below the manifest, AES-GCM itself rejects the flipped blob.
+    with pytest.raises(ArtifactError, match=r"aes/model.enc: authentication failed"):
+        art.decrypt("model.enc", key)
 
 
 def test_aes_tampered_metadata_and_truncation(clean_lenet, ctx, key, lenet_factory, tmp_path):
@@ -78,22 +81,22 @@ def test_aes_tampered_metadata_and_truncation(clean_lenet, ctx, key, lenet_facto
     path = p.protect(clean_lenet, ctx, key).save(tmp_path / "aes")
     art = Artifact.load(path)
     art.meta["plaintext_bytes"] += 1
-    with pytest.raises(ArtifactError, match="authentication failed"):
+    with pytest.raises(ArtifactError, match="meta.json: metadata not authenticated by the key"):
         p.deploy(art, key, lenet_factory)
     (path / "model.enc").write_bytes((path / "model.enc").read_bytes()[:20])
-    with pytest.raises(ArtifactError, match="truncated ciphertext"):
-        p.deploy(Artifact.load(path), key, lenet_factory)
+    with pytest.raises(ArtifactError, match="aes/model.enc: SHA-256 mismatch"):
+        Artifact.load(path)
     (path / "meta.json").write_text("{not json")
     with pytest.raises(ArtifactError, match=r"meta.json: not valid JSON"):
         Artifact.load(path)
 
 
 @pytest.mark.parametrize("name", ["aes", "edgepro"])
-def test_wrong_key_is_reported_as_such(name, clean_lenet, ctx, key, lenet_factory, edgepro_artifact):
+def test_wrong_key_is_reported_as_such(name, clean_lenet, ctx, key, other_key, lenet_factory, edgepro_artifact):
     p = protectors.get(name)
     art = edgepro_artifact if name == "edgepro" else p.protect(clean_lenet, ctx, key)
     with pytest.raises(KeyMaterialError, match="wrong key"):
-        p.deploy(art, bytes(32), lenet_factory)
+        p.deploy(art, other_key, lenet_factory)
 
 
 def test_edgepro_lock_training_on_digits(edgepro_artifact, clean_lenet, key, lenet_factory, digits, trainer):
@@ -123,23 +126,23 @@ def test_edgepro_tamper_is_named(edgepro_artifact, key, lenet_factory, tmp_path,
     art = Artifact.load(copy.deepcopy(edgepro_artifact).save(tmp_path / "ep"))
     if target == "meta":
         art.meta["params"]["gamma"] = 0.5
-        match = r"ep/password.enc: authentication failed"
+        match = r"ep/meta.json: metadata not authenticated"
     else:
         art.files[target] = _flip(art.files[target], len(art.files[target]) // 2)
-        match = r"SHA-256 mismatch" if target == "weights.safetensors" else r"ep/password.enc: authentication failed"
+        match = rf"ep/{target}: SHA-256 mismatch"
     with pytest.raises(ArtifactError, match=match):
         p.deploy(art, key, lenet_factory)
 
 
 def test_edgepro_swapped_weights_detected_even_with_matching_hash(edgepro_artifact, clean_lenet, key, lenet_factory):
-    """Swap in other weights *and* fix up the recorded hash: the password's associated data still catches it."""
+    """Swap in other weights *and* fix up the recorded hash: the key's MAC over the manifest still catches it."""
     from protectors.hashing import sha256_hex
     from protectors.weights import state_bytes
 
     art = copy.deepcopy(edgepro_artifact)
     art.files["weights.safetensors"] = w = state_bytes(clean_lenet)
-    art.meta["sha256"]["weights.safetensors"] = sha256_hex(w)
-    with pytest.raises(ArtifactError, match="password.enc: authentication failed"):
+    art.meta["files"]["weights.safetensors"]["sha256"] = sha256_hex(w)
+    with pytest.raises(ArtifactError, match="weights.safetensors: not authenticated by the key"):
         protectors.get("edgepro").deploy(art, key, lenet_factory)
 
 
