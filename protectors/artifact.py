@@ -8,7 +8,8 @@ with the artifact id and the file's name as associated data.
 
 What this gives, and to whom:
 
-- *Anyone* (the thief included) detects random damage: every file's SHA-256 is checked when the artifact is read.
+- *Anyone* (the thief included) detects random damage: the metadata's and every file's SHA-256 are checked when
+  the artifact is read.
 - *The key holder* (every authorized load path) detects any deliberate change: a file swapped in from another
   artifact (the artifact id differs), a file renamed or replayed in place of another (the name is in the MAC), a
   file rewritten together with its hash, added or removed files, and rewritten metadata. The error names the file.
@@ -32,7 +33,8 @@ from .hashing import canonical_json, sha256_hex
 FORMAT = "edgepro-bench-artifact/2"
 META = "meta.json"
 #: manifest keys in ``meta.json`` that the harness and the format own (protectors put their own keys beside them)
-RESERVED = ("format", "artifact_id", "protector", "params", "model", "key_id", "files", "secret_files", "mac")
+RESERVED = ("format", "artifact_id", "protector", "params", "model", "key_id", "files", "secret_files", "checksum",
+            "mac")
 
 
 @dataclass
@@ -110,7 +112,11 @@ class Artifact:
         return mac(key, canonical_json([FORMAT, self.artifact_id, name, digest]))
 
     def _meta_mac(self, key: bytes) -> str:
-        return mac(key, canonical_json({k: v for k, v in self.meta.items() if k != "mac"}))
+        return mac(key, canonical_json({k: v for k, v in self.meta.items() if k not in ("mac", "checksum")}))
+
+    def _checksum(self) -> str:
+        """An unkeyed hash of the metadata, the MAC included: damage to any byte of it shows without the key."""
+        return sha256_hex(canonical_json({k: v for k, v in self.meta.items() if k != "checksum"}))
 
     def seal(self, key: bytes) -> Artifact:
         """Record every file's hash and MAC and the metadata's MAC under ``key`` (after the last :meth:`put`)."""
@@ -119,6 +125,7 @@ class Artifact:
         self.meta["files"] = {n: {"sha256": (d := sha256_hex(b)), "mac": self._file_mac(key, n, d)}
                               for n, b in sorted(self.files.items())}
         self.meta["mac"] = self._meta_mac(key)
+        self.meta["checksum"] = self._checksum()
         self._verified = self._state(key)
         return self
 
@@ -133,7 +140,11 @@ class Artifact:
             raise KeyMaterialError(f"{self.where}: wrong key (key id {key_id(key)}, artifact needs {expected})")
 
     def check_integrity(self) -> None:
-        """Every file present, no file unlisted, each matching its recorded SHA-256 (no key needed)."""
+        """Metadata and every file undamaged: no file missing or unlisted, each matching its recorded SHA-256.
+
+        Anyone can run this check (no key): it catches damage, not an attacker, who can fix up the hashes."""
+        if self.meta.get("checksum") != self._checksum():
+            raise ArtifactError(f"{self.where}/{META}: checksum mismatch, the metadata was damaged or edited")
         listed = self.meta.get("files")
         if not isinstance(listed, dict):
             raise ArtifactError(f"{self.where}/{META}: no file manifest")

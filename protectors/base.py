@@ -153,6 +153,18 @@ def _keyed(fn):
     return wrapper
 
 
+def _keyed_after_model(fn):
+    """Wrap ``fn(self, model, artifact, key, ...)`` (``authorize``): authenticate the artifact first."""
+
+    @functools.wraps(fn)
+    def wrapper(self, model, artifact, key, *args, **kwargs):
+        self.open(artifact, key)
+        return fn(self, model, artifact, key, *args, **kwargs)
+
+    wrapper._keyed = True
+    return wrapper
+
+
 def _integrity_checked(fn):
     @functools.wraps(fn)
     def wrapper(self, artifact, *args, **kwargs):
@@ -183,7 +195,7 @@ def _sealed(fn):
     return wrapper
 
 
-_WRAPPERS = {"deploy": _keyed, "authorize": _keyed, "compare_secret": _keyed, "onnx_build": _keyed,
+_WRAPPERS = {"deploy": _keyed, "authorize": _keyed_after_model, "compare_secret": _keyed, "onnx_build": _keyed,
              "onnx_load": _keyed, "stolen": _integrity_checked, "protect": _sealed, "protect_for_latency": _sealed}
 
 

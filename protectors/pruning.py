@@ -33,9 +33,11 @@ class Pruned:
             if name in self.kept:
                 handles.append(mod.register_forward_hook(
                     lambda m, i, o, n=name: order.append((n, o.shape[1]))))
+        def end(site: str, out: torch.Tensor) -> None:  # a hook that returns a value would replace the output
+            ends.setdefault(site, (len(order), out.shape[1]))
+
         for s in sites:
-            handles.append(model.get_submodule(s).register_forward_hook(
-                lambda m, i, o, s=s: ends.setdefault(s, (len(order), o.shape[1]))))
+            handles.append(model.get_submodule(s).register_forward_hook(lambda m, i, o, s=s: end(s, o)))
         was = model.training
         model.eval()
         try:

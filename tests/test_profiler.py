@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import protectors
-from bench import models, onnx_deploy, profiler
+from bench import models, profiler
 from bench.targets import SOFT_AES_MASK, targets
 from protectors.artifact import Artifact
+from protectors.base import latency_context
 from protectors.lock import MaskedSite
 
 KEY = bytes(range(32))
+X1 = torch.zeros(1, 1, 28, 28)
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +20,23 @@ def lenet():
     return models.factory("lenet5", 1, 28, 10, 0)
 
 
+def latency_artifact(p, lenet, mode=None):
+    art = p.protect_for_latency(lenet(), latency_context(lenet, X1, 10, secret_seed=7), KEY)
+    if mode is not None:
+        p.onnx_build(art, KEY, lenet, mode, X1)
+        art.seal(KEY)
+    return art
+
+
 @pytest.mark.parametrize("name,mode", [("none", "default"), ("aes", "load"), ("aes", "per-inference"),
                                        ("edgepro", "mask"), ("edgepro", "fold")])
 def test_onnx_deployment_matches_torch(lenet, name, mode, tmp_path):
     p = protectors.get(name)
-    m = lenet()
-    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
-    art.add_deploy_files(onnx_deploy.build(p, art, KEY, lenet, mode, torch.zeros(1, 1, 28, 28)))
-    art = Artifact.load(art.save(tmp_path / "a"))
+    art = Artifact.load(latency_artifact(p, lenet, mode).save(tmp_path / "a"))
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         ref = p.deploy(art, KEY, lenet, None if mode == "default" else mode)(x.clone()).numpy()
-    run = onnx_deploy.load(p, art, KEY, lenet, mode)
+    run = p.onnx_load(art, KEY, mode)
     np.testing.assert_allclose(run(x.numpy()), ref, atol=1e-5)
     np.testing.assert_allclose(run(x[:1].numpy()), ref[:1], atol=1e-5)  # batch is dynamic
     if name == "edgepro":
@@ -45,10 +52,7 @@ def test_onnx_deployment_matches_torch(lenet, name, mode, tmp_path):
 
 def test_onnx_deploy_file_tamper_detected(lenet, tmp_path):
     p = protectors.get("none")
-    m = lenet()
-    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
-    art.add_deploy_files(onnx_deploy.build(p, art, KEY, lenet, "default", torch.zeros(1, 1, 28, 28)))
-    path = art.save(tmp_path / "a")
+    path = latency_artifact(p, lenet, "default").save(tmp_path / "a")
     data = bytearray((path / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 1
     (path / "model.onnx").write_bytes(bytes(data))
@@ -57,15 +61,32 @@ def test_onnx_deploy_file_tamper_detected(lenet, tmp_path):
 
 
 def test_edgepro_mask_deploy_is_one_inplace_mul_per_site(lenet):
+    """Each site is a MaskedSite; after the first call, a call is the activation plus exactly one in-place mul."""
     p = protectors.get("edgepro")
-    m = lenet()
-    art = p.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
+    art = latency_artifact(p, lenet)
     dep = p.deploy(art, KEY, lenet, "mask")
     sites = [mod for mod in dep.modules() if isinstance(mod, MaskedSite)]
     assert len(sites) == 4
+    x = torch.randn(1, 1, 28, 28)
     with torch.no_grad():
-        out = dep(torch.randn(1, 1, 28, 28))
-    assert out.shape == (1, 10)
+        first = dep(x.clone())
+    ops = []
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            ops.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        out = sites[0](torch.randn(1, 6, 28, 28))
+    assert ops.count("mul_") == 1 and not [o for o in ops if o in ("mul", "__mul__", "where", "clone")], ops
+    assert out.data_ptr() != 0
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x.clone()), first)  # the in-place path gives the first call's output
+    pw = p.password(art, KEY)
+    relu1 = torch.relu(torch.randn(1, 6, 28, 28))
+    with torch.no_grad():
+        torch.testing.assert_close(sites[0](relu1.clone()), relu1 * pw.mask("relu1").view(1, -1, 1, 1))
 
 
 def test_targets_registered_and_cuda_skips_cleanly():

@@ -81,6 +81,9 @@ def test_aes_tampered_metadata_and_truncation(clean_lenet, ctx, key, lenet_facto
     path = p.protect(clean_lenet, ctx, key).save(tmp_path / "aes")
     art = Artifact.load(path)
     art.meta["plaintext_bytes"] += 1
+    with pytest.raises(ArtifactError, match="meta.json: checksum mismatch"):
+        p.deploy(art, key, lenet_factory)
+    art.meta["checksum"] = art._checksum()  # an attacker fixes the unkeyed checksum; the key's MAC remains
     with pytest.raises(ArtifactError, match="meta.json: metadata not authenticated by the key"):
         p.deploy(art, key, lenet_factory)
     (path / "model.enc").write_bytes((path / "model.enc").read_bytes()[:20])
@@ -126,7 +129,7 @@ def test_edgepro_tamper_is_named(edgepro_artifact, key, lenet_factory, tmp_path,
     art = Artifact.load(copy.deepcopy(edgepro_artifact).save(tmp_path / "ep"))
     if target == "meta":
         art.meta["params"]["gamma"] = 0.5
-        match = r"ep/meta.json: metadata not authenticated"
+        match = r"ep/meta.json: checksum mismatch"
     else:
         art.files[target] = _flip(art.files[target], len(art.files[target]) // 2)
         match = rf"ep/{target}: SHA-256 mismatch"
@@ -142,6 +145,7 @@ def test_edgepro_swapped_weights_detected_even_with_matching_hash(edgepro_artifa
     art = copy.deepcopy(edgepro_artifact)
     art.files["weights.safetensors"] = w = state_bytes(clean_lenet)
     art.meta["files"]["weights.safetensors"]["sha256"] = sha256_hex(w)
+    art.meta["checksum"] = art._checksum()
     with pytest.raises(ArtifactError, match="weights.safetensors: not authenticated by the key"):
         protectors.get("edgepro").deploy(art, key, lenet_factory)
 
