@@ -47,6 +47,22 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def plugins() -> dict[str, dict]:
+    """Every loaded protector, attack and target: its module, distribution, version and code digest."""
+    from attacks import attacks
+    from protectors import protectors
+    from protectors.identity import plugin_identity
+
+    from .targets import targets
+
+    out = {}
+    for registry in (protectors, attacks, targets):
+        for name, obj in registry.loaded().items():
+            out[f"{registry.kind}:{name}"] = plugin_identity(obj)
+    return out
+
+
 def provenance(seed: int | None = None) -> dict:
     return {"git_commit": git_commit(), "python": platform.python_version(), "packages": versions(),
-            "cpu": cpu_model(), "machine": platform.machine(), "threads": torch.get_num_threads(), "seed": seed}
+            "plugins": plugins(), "cpu": cpu_model(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "seed": seed}

@@ -159,8 +159,11 @@ class Workbench:
 
 class Runner:
     def __init__(self, cfg: RunConfig, out: str | Path, data_root: str | None = None, download: bool = False,
-                 key_file: str | None = None, key_format: str | None = None, cache_dir: str | Path | None = None, progress: bool = True,
-                 profile: bool = True):
+                 key_file: str | None = None, key_format: str | None = None, cache_dir: str | Path | None = None,
+                 progress: bool = True, profile: bool = True):
+        #: how to build this runner again in another process (never the key itself: workers load it themselves)
+        self.spec = {"cfg": cfg, "out": str(out), "data_root": data_root, "download": download, "key_file": key_file,
+                     "key_format": key_format, "cache_dir": str(cache_dir) if cache_dir else None}
         self.cfg, self.out = cfg, Path(out)
         self.data_root, self.download, self.progress, self.do_profile = data_root, download, progress, profile
         root = Path(cache_dir) if cache_dir else data.cache_dir()
@@ -168,6 +171,7 @@ class Runner:
         self.key = load_key(key_file, key_format) or create_key_file(root / "device.key")
         self.cache = Cache(root, self.key)
         self.store = RecordStore(self.out)
+        self._benches: dict[tuple, Workbench] = {}
 
     @staticmethod
     def plugin_key(spec: PluginSpec, registry=None) -> dict[str, Any]:
@@ -196,33 +200,41 @@ class Runner:
                                                       "label": p.label, "attack": akey, "attack_label": a.label,
                                                       "param": param, "attack_seed": aseed}
 
-    def run(self) -> dict[str, int]:
+    def run(self, executor=None) -> dict[str, int]:
+        """Run every missing cell (serially, or on ``executor``, e.g. :class:`bench.executor.DaskExecutor`), then
+        the latency profiler alone, after all of them, then the report."""
         from . import profiler, report
 
         cells = list(self.cells())
         todo = [(k, e, c) for k, e, c in cells if not self.store.has(c)]
-        benches: dict[tuple, Workbench] = {}
-        done = 0
         with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
                   disable=not self.progress, unit="cell") as bar:
-            for kind, exp, cell in todo:
-                wb_key = (exp, cell["seed"])
-                if wb_key not in benches:
-                    benches.clear()  # one dataset in memory at a time
-                    benches[wb_key] = Workbench(self, exp, cell["seed"])
-                wb = benches[wb_key]
-                spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
-                if kind == "effectiveness":
-                    result = self.effectiveness(wb, spec)
-                else:
-                    aspec = next(a for a in self.cfg.attacks if a.label == cell["attack_label"])
-                    result = self.attack(wb, spec, aspec, cell["param"], cell["attack_seed"])
-                self.store.write(cell, result, seed=cell["seed"])
-                done += 1
-                bar.update(1)
+            if executor is None:
+                for kind, exp, cell in todo:
+                    self.run_cell(kind, exp, cell)
+                    bar.update(1)
+            else:
+                executor.run(self, todo, on_done=lambda: bar.update(1))
+        # Latency only now, with nothing else running on this machine (the executor's workers are gone).
         profiled = profiler.run_config(self) if self.do_profile and self.cfg.profile.targets else 0
         report.write(self.out)
-        return {"cells": len(cells), "ran": done, "profiled": profiled}
+        return {"cells": len(cells), "ran": len(todo), "profiled": profiled}
+
+    def run_cell(self, kind: str, exp: Experiment, cell: dict[str, Any]) -> str:
+        """Compute one cell and write its record; returns the record's name. Cells of one workbench in a row
+        share its data and models (one dataset in memory at a time)."""
+        wb_key = (exp, cell["seed"])
+        if wb_key not in self._benches:
+            self._benches.clear()
+            self._benches[wb_key] = Workbench(self, exp, cell["seed"])
+        wb = self._benches[wb_key]
+        spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
+        if kind == "effectiveness":
+            result = self.effectiveness(wb, spec)
+        else:
+            aspec = next(a for a in self.cfg.attacks if a.label == cell["attack_label"])
+            result = self.attack(wb, spec, aspec, cell["param"], cell["attack_seed"])
+        return self.store.write(cell, result, seed=cell["seed"]).name
 
     # -- cells --------------------------------------------------------------------------------------------------
     def effectiveness(self, wb: Workbench, spec: PluginSpec) -> dict[str, Any]:

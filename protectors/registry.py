@@ -56,6 +56,20 @@ class Registry(Generic[T]):
         self._load_entry_points()
         return sorted(self._items)
 
+    def loaded(self) -> dict[str, T]:
+        """The plugins imported so far (lazy entry points that were never asked for are left out)."""
+        return {n: o for n, o in self._items.items() if not isinstance(o, str)}
+
+    def load_all(self) -> dict[str, str]:
+        """Import every registered plugin; return the ones that fail, name → one-line reason."""
+        failed = {}
+        for name in self.names():
+            try:
+                self.get(name)
+            except Exception as exc:  # a broken third-party plugin must not hide the others
+                failed[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return failed
+
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 

@@ -1,0 +1,69 @@
+"""The Dask executor: a small config on a 2-worker LocalCluster gives the serial run's records."""
+
+import json
+
+import pytest
+import torch
+
+from bench import config
+from bench.executor import DaskExecutor
+from bench.runner import Runner
+from protectors.errors import ConfigError
+
+pytest.importorskip("dask.distributed")
+
+CFG = """
+name = "t"
+datasets = ["digits"]
+seeds = [0]
+[train]
+epochs = 3
+[[protectors]]
+name = "none"
+[[protectors]]
+name = "edgepro"
+[[attacks]]
+name = "finetune"
+fractions = [0.05, 0.1]
+epochs = 1
+"""
+
+TIMING = {"seconds"}
+
+
+def results(out):
+    out = {p.name: json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))}
+    return {name: ({k: v for k, v in r["result"].items() if k not in TIMING}, r["cell"]) for name, r in out.items()}
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_serial_records(tmp_path, monkeypatch):
+    path = tmp_path / "t.toml"
+    path.write_text(CFG)
+    cfg = config.load(str(path))
+    key = tmp_path / "k.key"
+    key.write_text(bytes(range(32)).hex())
+    key.chmod(0o600)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each: the same arithmetic
+    try:
+        Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
+               profile=False).run()
+    finally:
+        torch.set_num_threads(threads)
+    summary = Runner(cfg, tmp_path / "dask", key_file=str(key), cache_dir=tmp_path / "c2", progress=False,
+                     profile=False).run(DaskExecutor(workers=2))
+    assert summary["ran"] == summary["cells"] == 6
+    serial, parallel = results(tmp_path / "serial"), results(tmp_path / "dask")
+    assert serial.keys() == parallel.keys() and len(serial) == 6
+    assert serial == parallel
+    # Each model was trained once in the shared cache, although two workers needed it.
+    assert len(list((tmp_path / "c2" / "models").glob("*.safetensors"))) == len(
+        list((tmp_path / "c1" / "models").glob("*.safetensors")))
+
+
+def test_executor_arguments_are_checked():
+    with pytest.raises(ConfigError, match="exactly one of --workers N and --scheduler"):
+        DaskExecutor()
+    with pytest.raises(ConfigError, match="--workers: must be >= 1"):
+        DaskExecutor(workers=0)
