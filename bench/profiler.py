@@ -5,7 +5,9 @@ inference path:
 
 - **cold start**: read the artifact from disk, decrypt, build, first inference;
 - **warm latency** at batch 1 (the edge single-stream scenario) after a warm-up, with a minimum number of queries
-  *and* a minimum duration, reported as p50/p90/p99 and mean (MLPerf-style);
+  *and* a minimum duration, reported as p50/p90/p99 and mean (MLPerf-style); then more rounds until the 95%
+  bootstrap interval of every overhead ratio is within ±1%, or a time cap (``max_seconds``), and the record says
+  which;
 - **throughput** at a larger batch, **peak memory** (growth of the peak resident set during the cold start),
   artifact and secret bytes.
 
@@ -46,6 +48,9 @@ from .targets import targets
 INPUT = {"lenet5": (1, 28, 28), "resnet18": (3, 32, 32), "mobilenetv2": (3, 32, 32)}
 PROFILE_SEED = 0
 BASELINE = "none|default"
+#: measure until every overhead ratio's 95% bootstrap interval is within ±1% of it, or this many seconds
+CI_TARGET = 0.01
+DEFAULT_MAX_SECONDS = 20.0
 
 
 def input_shape(model: str) -> tuple[int, int, int]:
@@ -59,6 +64,32 @@ def gcm_gbps(nbytes: int = 16 << 20, reps: int = 5) -> float:
     dec.decrypt()
     best = min(_timed(dec.decrypt) for _ in range(reps))
     return nbytes / best / 1e9
+
+
+def bootstrap_median_ci(ratios: np.ndarray, resamples: int = 400, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the median of the per-round ratios protected/none."""
+    rng = np.random.default_rng(seed)
+    n = len(ratios)
+    meds = np.empty(resamples)
+    for j in range(0, resamples, 50):  # in blocks: the index matrix stays small
+        idx = rng.integers(0, n, size=(min(50, resamples - j), n))
+        meds[j:j + len(idx)] = np.median(ratios[idx], axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
+
+
+def overhead_cis(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per variant (not the baseline): the overhead ratio's 95% interval and its half-width relative to the median."""
+    base = np.asarray(times.get(BASELINE, []))
+    out = {}
+    for i, t in times.items():
+        if i == BASELINE or len(t) != len(base) or len(base) < 2:
+            continue
+        ratios = np.asarray(t) / base
+        lo, hi = bootstrap_median_ci(ratios)
+        out[i] = {"low": lo, "high": hi, "rel": (hi - lo) / 2 / float(np.median(ratios))}
+    return out
 
 
 def _timed(fn, *args) -> float:
@@ -138,13 +169,27 @@ def child(job_path: str) -> None:
             runs[i](x1)
     times: dict[str, list[float]] = {i: [] for i in ids}
     start, rnd = time.perf_counter(), 0
+
+    def rounds(n: int) -> None:
+        nonlocal rnd
+        for _ in range(n):
+            order = ids[rnd % len(ids):] + ids[: rnd % len(ids)]
+            for i in order:
+                t0 = time.perf_counter_ns()
+                runs[i](x1)
+                times[i].append((time.perf_counter_ns() - t0) / 1e6)
+            rnd += 1
+
     while ids and (rnd < prof.min_queries or time.perf_counter() - start < prof.min_seconds):
-        order = ids[rnd % len(ids):] + ids[: rnd % len(ids)]
-        for i in order:
-            t0 = time.perf_counter_ns()
-            runs[i](x1)
-            times[i].append((time.perf_counter_ns() - t0) / 1e6)
-        rnd += 1
+        rounds(1)
+    # Then keep measuring until every overhead ratio's 95% interval is within ±CI_TARGET, or the time cap.
+    cap = max(prof.min_seconds, getattr(prof, "max_seconds", DEFAULT_MAX_SECONDS))
+    cis = overhead_cis(times)
+    while BASELINE in times and not all(c["rel"] <= CI_TARGET for c in cis.values()) \
+            and time.perf_counter() - start < cap:
+        rounds(max(50, rnd // 4))
+        cis = overhead_cis(times)
+    stop = "converged" if all(c["rel"] <= CI_TARGET for c in cis.values()) else "time cap"
     through: dict[str, list[float]] = {i: [] for i in ids}
     for _ in range(3):
         for i in ids:
@@ -157,6 +202,9 @@ def child(job_path: str) -> None:
                  p99_ms=float(np.percentile(t, 99)), mean_ms=float(t.mean()), queries=len(t),
                  throughput_ips=prof.throughput_batch / float(np.median(through[i])))
         r["overhead"] = float(np.median(t / base)) if len(base) == len(t) else None
+        if i in cis:
+            r.update(overhead_ci_low=cis[i]["low"], overhead_ci_high=cis[i]["high"],
+                     overhead_ci_stop=f"{stop} after {rnd} rounds ({time.perf_counter() - start:.1f} s)")
     out = {"results": results, "threads": torch.get_num_threads()}
     if job.get("gcm_probe"):
         out["gcm_gbps"] = gcm_gbps()

@@ -125,5 +125,17 @@ throughput_batch = 4
         assert res["queries"] >= 20 and 0 < res["p50_ms"] <= res["p90_ms"] <= res["p99_ms"]
         assert res["cold_start_ms"] > 0 and res["overhead"] > 0
     assert cpu[("none", "default")]["overhead"] == 1.0
+    for mode in ("mask", "fold"):  # every ratio carries its bootstrap interval and why measuring stopped
+        r = cpu[("edgepro", mode)]
+        assert r["overhead_ci_low"] <= r["overhead"] <= r["overhead_ci_high"]
+        assert r["overhead_ci_stop"].startswith(("converged", "time cap"))
+
+
+def test_bootstrap_interval_narrows_with_more_rounds():
+    rng = np.random.default_rng(0)
+    few = profiler.bootstrap_median_ci(1.05 + 0.05 * rng.standard_normal(50))
+    many = profiler.bootstrap_median_ci(1.05 + 0.05 * rng.standard_normal(5000))
+    assert few[0] < 1.05 < few[1] and many[0] < 1.05 < many[1]
+    assert many[1] - many[0] < (few[1] - few[0]) / 4
     if not torch.cuda.is_available():
         assert all("no CUDA" in r["result"]["note"] for r in recs if r["cell"]["target"] == "cuda")
