@@ -129,6 +129,8 @@ throughput_batch = 4
         r = cpu[("edgepro", mode)]
         assert r["overhead_ci_low"] <= r["overhead"] <= r["overhead_ci_high"]
         assert r["overhead_ci_stop"].startswith(("converged", "time cap"))
+    if not torch.cuda.is_available():
+        assert all("no CUDA" in r["result"]["note"] for r in recs if r["cell"]["target"] == "cuda")
 
 
 def test_bootstrap_interval_narrows_with_more_rounds():
@@ -137,5 +139,3 @@ def test_bootstrap_interval_narrows_with_more_rounds():
     many = profiler.bootstrap_median_ci(1.05 + 0.05 * rng.standard_normal(5000))
     assert few[0] < 1.05 < few[1] and many[0] < 1.05 < many[1]
     assert many[1] - many[0] < (few[1] - few[0]) / 4
-    if not torch.cuda.is_available():
-        assert all("no CUDA" in r["result"]["note"] for r in recs if r["cell"]["target"] == "cuda")
