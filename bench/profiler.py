@@ -319,6 +319,7 @@ def run_config(runner) -> int:
                     res = dict(out["results"].get(f"{c['protector']}|{c['mode']}", {"note": "not measured"}))
                     res["note"] = "; ".join(n for n in (res.get("note", ""), extra_note) if n)
                     res["threads"] = out.get("threads")
+                    res["schedule"] = "alone: after every accuracy cell, one (model, target) job at a time"
                     runner.store.write(c, res)
                     done += 1
                     bar.update(1)

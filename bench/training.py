@@ -30,6 +30,13 @@ class TrainConfig:
             raise ValueError("'epochs' and 'batch_size' must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"'lr' must be > 0, got {self.lr}")
+        # SGD diverges (or, with torch, raises mid-run) outside these; catch them at the config, not after training.
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"'momentum' must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"'weight_decay' must be >= 0, got {self.weight_decay}")
+        if self.cosine_t_max is not None and self.cosine_t_max < 1:
+            raise ValueError(f"'cosine_t_max' must be >= 1 when given, got {self.cosine_t_max}")
 
 
 class Trainer:
