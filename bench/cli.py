@@ -6,7 +6,10 @@ Exit status 0 on success, 2 with a one-line error on bad input (config, data, ar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from protectors.errors import BenchError
@@ -26,12 +29,44 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_writable_dir(path: Path, what: str) -> None:
+    """Fail now, naming ``what`` (the flag) and ``path``, if ``path`` cannot be made a directory we can write in.
+
+    Probes by creating the directory and a temporary file, then removes both (a failed run leaves nothing behind),
+    so a bad path is reported before hours of training instead of when the first result is written.
+    """
+    created = []
+    try:
+        for d in reversed([path, *path.parents]):
+            if d.exists():
+                if not d.is_dir():
+                    where = "" if d == path else f"{d} "
+                    raise BenchError(f"{what} {path}: {where}is a file, not a directory")
+                continue
+            d.mkdir()
+            created.append(d)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".edgepro-bench-probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise BenchError(f"{what} {path}: not writable ({exc.strerror or exc})") from None
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):  # another process may have put something there meanwhile
+                d.rmdir()
+
+
 def _run(args: argparse.Namespace) -> int:
-    from . import config
+    from . import config, data
     from .runner import Runner
 
     cfg = config.load(args.config)
     out = Path(args.out or Path("runs") / cfg.name)
+    # Every check of the command line before the Runner starts anything: a bad path must not cost a training run.
+    data.explicit_root(args.data_root, args.download)
+    check_writable_dir(out, "--out")
+    check_writable_dir(Path(args.cache_dir) if args.cache_dir else data.cache_dir(),
+                       "--cache-dir" if args.cache_dir else f"cache directory (${data.CACHE_ENV} or the default)")
     runner = Runner(cfg, out, data_root=args.data_root, download=args.download, key_file=args.key_file,
                     cache_dir=args.cache_dir, progress=not args.no_progress, profile=not args.no_profile)
     summary = runner.run()

@@ -9,7 +9,6 @@ combination (the Cartesian product), each labelled ``name[gamma=0.05]``.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -62,16 +61,14 @@ class Experiment:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A validated config: the dataset × model pairs live in ``experiments`` (``[train]`` and ``train_subset``
+    are folded into each one)."""
+
     name: str
-    source: str
-    datasets: list[str]
-    models: list[str]
     seeds: list[int]
-    train: TrainConfig
     protectors: list[PluginSpec]
     attacks: list[PluginSpec]
     profile: ProfileConfig
-    train_subset: int | None = None
     attack_seeds: list[int] | None = None
     experiments: list[Experiment] = field(default_factory=list)
 
@@ -94,13 +91,25 @@ def _list_of(where: str, value: Any, typ: type, allow_empty: bool = False) -> li
     return value
 
 
+def _seeds(where: str, value: Any) -> list[int]:
+    """A non-empty list of seeds that NumPy and torch both accept (``[0, 2**32)``), checked before any training."""
+    seeds = _list_of(where, value, int)
+    bad = next((s for s in seeds if not 0 <= s < 2**32), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: seeds must be in [0, 2**32), got {bad}")
+    return seeds
+
+
 def _fmt(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def _plugins(src: str, section: str, entries: Any, registry) -> list[PluginSpec]:
+def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | None = None) -> list[PluginSpec]:
+    """``[[section]]`` entries as plugin settings; ``empty_hint`` (the fix to suggest) makes an empty list an error."""
     if not isinstance(entries, list):
         raise ConfigError(f"{src}: '{section}' must be an array of tables ([[{section}]])")
+    if not entries and empty_hint:
+        raise ConfigError(f"{src}: {section}: must not be empty ({empty_hint})")
     out = []
     for i, entry in enumerate(entries):
         where = f"{src}: {section}[{i}]"
@@ -160,8 +169,8 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
             except ConfigError as exc:
                 raise ConfigError(f"{src}: {key}[{i}]: {exc}") from None
         names[key] = value
-    seeds = _list_of(f"{src}: seeds", raw.get("seeds", [0]), int)
-    attack_seeds = _list_of(f"{src}: attack_seeds", raw["attack_seeds"], int) if "attack_seeds" in raw else None
+    seeds = _seeds(f"{src}: seeds", raw.get("seeds", [0]))
+    attack_seeds = _seeds(f"{src}: attack_seeds", raw["attack_seeds"]) if "attack_seeds" in raw else None
     train_raw = raw.get("train", {})
     if not isinstance(train_raw, dict):
         raise ConfigError(f"{src}: 'train' must be a table")
@@ -185,10 +194,11 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
     if "experiments" in raw:
         experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
-        name=str(raw.get("name", Path(src).stem)), source=src, datasets=names["datasets"], models=names["models"],
-        seeds=seeds, attack_seeds=attack_seeds, train=train, train_subset=subset, profile=profile,
+        name=str(raw.get("name", Path(src).stem)), seeds=seeds, attack_seeds=attack_seeds, profile=profile,
         experiments=experiments,
-        protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry),
+        # Every cell is (protector × ...): with none the run would do nothing and leave no records to report.
+        protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry,
+                            empty_hint="list at least one; 'none' is the unprotected baseline"),
         attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry),
     )
 
@@ -247,7 +257,3 @@ def load(name_or_path: str) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     return parse(raw, str(path))
-
-
-def as_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -4,19 +4,23 @@ Every dataset becomes normalized tensors in memory (these datasets are small), s
 served by :class:`BatchLoader`, which shuffles with a seeded generator and does CIFAR's augmentation on whole
 batches instead of image by image.
 
-Where data is looked for, in order: ``--data-root`` / ``$EDGEPRO_BENCH_DATA``; for (Fashion-)MNIST also the Debian
-package layout (``/usr/share/datasets/<name>/*.gz``, unpacked once into the cache). Nothing is downloaded unless
-asked (``download=True``).
+Where data is looked for, in order: ``--data-root`` / ``$EDGEPRO_BENCH_DATA`` (which must exist when given), else
+``./data`` and the cache; for (Fashion-)MNIST also the Debian package layout (``/usr/share/datasets/<name>/*.gz``,
+read in place). Nothing is downloaded unless asked (``download=True``). Every file is checked as it is read, and a
+bad one is a :class:`DataError` naming it.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import io
 import os
 import pickle
-import shutil
-from dataclasses import dataclass
+import struct
+import zlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from protectors.errors import DataError
+from protectors.hashing import canonical_json
 from protectors.registry import Registry
 from protectors.sampling import stratified_subset
 from protectors.seeding import torch_generator
@@ -55,6 +60,20 @@ class Splits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     augment: bool = False
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Short SHA-256 of exactly the data loaded (info, tensors, labels), computed once.
+
+        A dataset's name does not say which copy of it was read; keying cached models by this digest means a changed
+        or different file retrains instead of reusing a model trained on other data.
+        """
+        h = hashlib.sha256(canonical_json({**asdict(self.info), "augment": self.augment}))
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            t = t.detach().cpu().contiguous()
+            h.update(canonical_json([str(t.dtype), list(t.shape)]))
+            h.update(t.numpy())
+        return h.hexdigest()[:16]
 
 
 class BatchLoader:
@@ -119,61 +138,122 @@ def load_digits(root: str | None = None, seed: int = 0, download: bool = False) 
                   tex, torch.as_tensor(yte, dtype=torch.long))
 
 
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-              "t10k-labels-idx1-ubyte")
+def explicit_root(root: str | None, download: bool = False) -> Path | None:
+    """The data root the user named (``root``, else ``$EDGEPRO_BENCH_DATA``), or None when none was named.
 
-
-def _debian_unpack(debian_name: str, tv_folder: str) -> Path | None:
-    """Unpack the Debian package's ``.gz`` IDX files once into the cache, in torchvision's layout."""
-    src = DEBIAN_ROOT / debian_name
-    if not all((src / f"{f}.gz").exists() for f in _IDX_FILES):
+    A named root must be a directory (``download`` may create it): a typo must fail, not silently fall back to
+    another copy of the data.
+    """
+    given, what = (root, "--data-root") if root else (os.environ.get(DATA_ENV), f"${DATA_ENV}")
+    if not given:
         return None
-    root = cache_dir() / "data"
-    raw = root / tv_folder / "raw"
-    if not all((raw / f).exists() for f in _IDX_FILES):
-        raw.mkdir(parents=True, exist_ok=True)
-        for f in _IDX_FILES:
-            tmp = raw / f".{f}.tmp"
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            os.replace(tmp, raw / f)
-    return root
+    path = Path(given)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path}: not a directory")
+    if not path.exists() and not download:
+        raise DataError(f"{what} {path}: no such directory")
+    return path
 
 
-def _roots(root: str | None) -> list[Path]:
-    given = root or os.environ.get(DATA_ENV)
-    return [Path(given)] if given else [Path("data"), cache_dir() / "data"]
+def _roots(root: str | None, download: bool = False) -> list[Path]:
+    given = explicit_root(root, download)
+    return [given] if given else [Path("data"), cache_dir() / "data"]
+
+
+IDX_UBYTE = 0x08
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (raw or ``.gz``) with ``ndim`` dimensions, as a read-only uint8 array.
+
+    Our own reader, not torchvision's: that one accepts any type code and dimension count and fails with a bare
+    ``AssertionError`` that names no file.
+    """
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    code, nd = raw[2], raw[3]
+    if code != IDX_UBYTE:
+        raise DataError(f"{path}: IDX type code 0x{code:02x} is not supported (only 0x08, unsigned byte)")
+    if nd != ndim:
+        raise DataError(f"{path}: IDX data has {nd} dimensions, expected {ndim}")
+    start = 4 + 4 * nd
+    if len(raw) < start:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{nd}I", raw[4:start])
+    size = int(np.prod(shape))
+    if len(raw) - start != size:
+        raise DataError(f"{path}: {len(raw) - start} bytes of data for shape {shape}, expected {size}"
+                        + (" (truncated)" if len(raw) - start < size else ""))
+    return np.frombuffer(raw, np.uint8, size, start).reshape(shape)
+
+
+def _check_labels(path: Path, labels: np.ndarray, n_images: int, num_classes: int) -> None:
+    """Some images, one label each, each a valid class: otherwise training fails later without naming the file."""
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels have shape {labels.shape}, expected one per image")
+    if len(labels) != n_images:
+        raise DataError(f"{path}: {len(labels)} labels for {n_images} images")
+    if n_images == 0:
+        raise DataError(f"{path}: no images")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DataError(f"{path}: labels must be in 0..{num_classes - 1}, found {bad}")
+
+
+#: (images, labels) file names per split, as LeCun published them
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+
+
+def _read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    paths = []
+    for name in _IDX_FILES[split]:
+        path = _idx_path(folder, name)
+        if path is None:
+            raise DataError(f"{folder / name}: missing (looked for {name} and {name}.gz)")
+        paths.append(path)
+    images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
+    if images.shape[1] != images.shape[2]:
+        raise DataError(f"{paths[0]}: images are {images.shape[1]}x{images.shape[2]}, expected square")
+    _check_labels(paths[1], labels, len(images), 10)
+    return images, labels
 
 
 def _mnist_like(cls_name: str, debian_name: str, root: str | None, download: bool) -> Splits:
-    import torchvision.datasets as tvd
+    roots = _roots(root, download)
+    candidates = [r / cls_name / "raw" for r in roots] + [DEBIAN_ROOT / debian_name]
+    folder = next((f for f in candidates if _idx_path(f, _IDX_FILES["train"][0])), None)
+    if folder is None and download:
+        import torchvision.datasets as tvd
 
-    cls = getattr(tvd, cls_name)
-    tried = []
-    candidates = _roots(root)
-    for r in candidates:
-        tried.append(str(r / cls_name / "raw"))
-        if (r / cls_name / "raw" / _IDX_FILES[0]).exists() or download:
-            break
-    else:
-        deb = _debian_unpack(debian_name, cls_name)
-        tried.append(str(DEBIAN_ROOT / debian_name))
-        if deb is None:
-            debian = ", install the Debian package dataset-fashion-mnist" if debian_name == "fashion-mnist" else ""
-            raise DataError(
-                f"{debian_name}: no data in {' or '.join(tried)}; put the IDX files under "
-                f"<root>/{cls_name}/raw/ and pass --data-root (or set ${DATA_ENV}){debian}, "
-                "or pass --download when online"
-            )
-        r = deb
-    try:
-        train = cls(str(r), train=True, download=download)
-        test = cls(str(r), train=False, download=download)
-    except (RuntimeError, OSError, ValueError, AssertionError) as exc:
-        raise DataError(f"{debian_name}: cannot read {r / cls_name / 'raw'}: {exc}") from None
-    trx, tex = _normalize(train.data[:, None].numpy() / 255.0, test.data[:, None].numpy() / 255.0)
-    info = DatasetInfo(debian_name, 1, int(train.data.shape[-1]), 10)
-    return Splits(info, trx, train.targets.long(), tex, test.targets.long())
+        try:  # fetches all four files into <root>/<cls_name>/raw, checking torchvision's MD5s
+            getattr(tvd, cls_name)(str(roots[0]), train=True, download=True)
+        except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+            raise DataError(f"{debian_name}: download into {roots[0]} failed: {exc}") from None
+        folder = candidates[0]
+    if folder is None:
+        debian = ", install the Debian package dataset-fashion-mnist" if debian_name == "fashion-mnist" else ""
+        raise DataError(
+            f"{debian_name}: no data in {' or '.join(map(str, candidates))}; put the IDX files under "
+            f"<root>/{cls_name}/raw/ and pass --data-root (or set ${DATA_ENV}){debian}, "
+            "or pass --download when online"
+        )
+    (xtr, ytr), (xte, yte) = _read_idx_split(folder, "train"), _read_idx_split(folder, "test")
+    if xte.shape[1:] != xtr.shape[1:]:
+        raise DataError(f"{folder}: test images are {xte.shape[1]}x{xte.shape[2]}, "
+                        f"training images {xtr.shape[1]}x{xtr.shape[2]}")
+    trx, tex = _normalize(xtr[:, None] / 255.0, xte[:, None] / 255.0)
+    info = DatasetInfo(debian_name, 1, int(xtr.shape[-1]), 10)
+    return Splits(info, trx, torch.as_tensor(ytr.astype(np.int64)), tex, torch.as_tensor(yte.astype(np.int64)))
 
 
 @datasets.register("mnist")
@@ -206,13 +286,15 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch file → (N, 3, 32, 32) uint8 images and int64 labels."""
     try:
         d = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = np.asarray(d["data"])
         labels = np.asarray(d["labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as exc:
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, OverflowError) as exc:
         raise DataError(f"{path}: not a CIFAR-10 batch file ({exc})") from None
-    if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data, labels
+    # Any other shape or dtype would reshape or cast silently into wrong images.
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: 'data' is {data.dtype} of shape {data.shape}, expected uint8 of shape (N, 3072)")
+    _check_labels(path, labels, len(data), 10)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 @datasets.register("cifar10")
@@ -220,7 +302,7 @@ def load_cifar10(root: str | None = None, seed: int = 0, download: bool = False)
     """CIFAR-10 in torchvision's folder layout (``<root>/cifar-10-batches-py``), read without unsafe pickle."""
     from torchvision.datasets import CIFAR10
 
-    roots = _roots(root)
+    roots = _roots(root, download)
     folder = next((r / CIFAR10.base_folder for r in roots if (r / CIFAR10.base_folder).is_dir()), None)
     if folder is None and download:
         from torchvision.datasets.utils import download_and_extract_archive
@@ -248,7 +330,7 @@ def load(name: str, root: str | None = None, seed: int = 0, download: bool = Fal
     """Load dataset ``name``; ``train_subset`` keeps the first N training images (as the paper does for MNIST)."""
     splits = datasets.get(name)(root=root, seed=seed, download=download)
     if train_subset:
-        splits.train_x, splits.train_y = splits.train_x[:train_subset], splits.train_y[:train_subset]
+        splits = replace(splits, train_x=splits.train_x[:train_subset], train_y=splits.train_y[:train_subset])
     return splits
 
 

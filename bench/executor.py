@@ -11,7 +11,6 @@ and then read them. A worker that dies mid-cell loses only that cell; the schedu
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 from protectors.errors import ConfigError
@@ -20,16 +19,22 @@ from protectors.errors import ConfigError
 RETRIES = 2
 
 
-@functools.lru_cache(maxsize=4)
+_RUNNERS: dict[str, Any] = {}
+
+
 def _runner(spec_key: str, spec: dict[str, Any]):
-    import torch
+    """This worker process's runner for ``spec`` (built once: it keeps the workbench of the last cells)."""
+    if spec_key not in _RUNNERS:
+        import torch
 
-    from .runner import Runner
+        from .runner import Runner
 
-    torch.set_num_threads(1)  # one core per worker: N workers on N cores
-    return Runner(spec["cfg"], spec["out"], data_root=spec["data_root"], download=spec["download"],
-                  key_file=spec["key_file"], key_format=spec["key_format"], cache_dir=spec["cache_dir"],
-                  progress=False, profile=False)
+        torch.set_num_threads(1)  # one core per worker: N workers on N cores
+        _RUNNERS.clear()
+        _RUNNERS[spec_key] = Runner(spec["cfg"], spec["out"], data_root=spec["data_root"], download=spec["download"],
+                                    key_file=spec["key_file"], key_format=spec["key_format"],
+                                    cache_dir=spec["cache_dir"], progress=False, profile=False)
+    return _RUNNERS[spec_key]
 
 
 def run_cell(spec_key: str, spec: dict[str, Any], kind: str, exp, cell: dict[str, Any]) -> str:

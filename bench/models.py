@@ -140,12 +140,6 @@ def mobilenetv2(in_channels: int = 3, image_size: int = 32, num_classes: int = 1
     return _declare(MobileNetV2(in_channels, num_classes), spec, sites, {})
 
 
-def build(spec: dict) -> nn.Module:
-    """Rebuild a model from its ``spec`` (as stored in artifacts and records)."""
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
-    return models.get(spec["name"])(**kwargs)
-
-
 def factory(name: str, in_channels: int, image_size: int, num_classes: int, seed: int) -> Callable[[], nn.Module]:
     """A zero-argument builder whose random initialization is fixed by ``seed``."""
     builder = models.get(name)

@@ -16,8 +16,42 @@ from protectors.hashing import config_hash
 
 from .provenance import provenance
 
+#: the cell fields the tables and plots read, per kind of cell (each a string)
+CELL_FIELDS = {"effectiveness": ("dataset", "model", "label"),
+               "attack": ("dataset", "model", "label", "attack_label", "param"),
+               "profile": ("model", "protector", "mode", "target")}
+
+
+def check_record(rec: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``rec`` the report could not use.
+
+    Checked when records are loaded, so a damaged or hand-edited file is named instead of failing deep in pandas.
+    """
+    if not isinstance(rec, dict) or not isinstance(rec.get("cell"), dict) or "result" not in rec:
+        raise ValueError("missing 'cell' or 'result'")
+    cell, result = rec["cell"], rec["result"]
+    kind = cell.get("kind")
+    if kind not in CELL_FIELDS:
+        raise ValueError(f"cell.kind: {'missing' if kind is None else repr(kind)}; "
+                         f"allowed: {', '.join(CELL_FIELDS)}")
+    missing = [f for f in CELL_FIELDS[kind] if not isinstance(cell.get(f), str)]
+    if missing:
+        raise ValueError(f"cell of kind {kind!r} needs string fields {', '.join(CELL_FIELDS[kind])}; "
+                         f"missing or not a string: {', '.join(missing)}")
+    if not isinstance(result, dict):
+        raise ValueError(f"'result' must be an object, got {type(result).__name__}")
+    extra = result.get("extra")
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"result.extra must be an object, got {type(extra).__name__}")
+    accs = (extra or {}).get("test_accs")
+    if accs is not None and not (isinstance(accs, list)
+                                 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in accs)):
+        raise ValueError("result.extra.test_accs must be a list of numbers")
+
 
 class RecordStore:
+    """The ``records/`` directory of one run."""
+
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir) / "records"
 
@@ -43,9 +77,8 @@ class RecordStore:
         for path in sorted(self.dir.glob("*.json")):
             try:
                 rec = json.loads(path.read_text())
-                if not isinstance(rec, dict) or not isinstance(rec.get("cell"), dict) or "result" not in rec:
-                    raise ValueError("missing 'cell' or 'result'")
-            except (ValueError, UnicodeDecodeError) as exc:
+                check_record(rec)
+            except (ValueError, UnicodeDecodeError, OSError) as exc:
                 raise BenchError(f"{path}: malformed record ({exc})") from None
             out.append(rec)
         return out

@@ -42,7 +42,7 @@ def test_fashion_from_idx_files_in_torchvision_layout(tmp_path):
     assert abs(float(s.train_x.mean())) < 1e-4  # standardized
 
 
-def test_fashion_from_debian_layout_unpacks_once(tmp_path, monkeypatch):
+def test_fashion_from_debian_layout_read_in_place(tmp_path, monkeypatch):
     deb = tmp_path / "deb"
     write_idx(deb / "fashion-mnist", gz=True)
     monkeypatch.setattr(data, "DEBIAN_ROOT", deb)
@@ -50,8 +50,8 @@ def test_fashion_from_debian_layout_unpacks_once(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     s = data.load("fashion-mnist")
-    assert s.train_x.shape[0] == 20
-    assert (tmp_path / "cache" / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    assert s.train_x.shape[0] == 20 and s.test_y.tolist()[:3] == [0, 1, 2]
+    assert not (tmp_path / "cache").exists()  # the .gz files are read as they are, not unpacked into the cache
 
 
 def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
