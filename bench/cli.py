@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench list | run | report`` (also installed as ``edgepro-bench``).
+"""Command line: ``python -m bench list | run | report | compare`` (also installed as ``edgepro-bench``).
 
 Exit status 0 on success, 2 with a one-line error on bad input (config, data, artifact, key).
 """
@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from protectors.errors import BenchError
@@ -21,11 +22,18 @@ def _list(args: argparse.Namespace) -> int:
 
     from . import config, data, models, targets
 
+    # Import every plugin, so that a broken one is reported here rather than in the middle of a run.
+    broken = {f"{reg.kind} {name}": why for reg in (protectors, attacks, targets.targets)
+              for name, why in reg.load_all().items()}
     sections = {"datasets": data.datasets.names(), "models": models.models.names(),
-                "protectors": protectors.names(), "attacks": attacks.names(), "targets": targets.targets.names(),
+                "protectors": [n for n in protectors.names() if f"protector {n}" not in broken],
+                "attacks": [n for n in attacks.names() if f"attack {n}" not in broken],
+                "targets": [n for n in targets.targets.names() if f"target {n}" not in broken],
                 "configs": sorted(p.stem for p in config.CONFIG_DIR.glob("*.toml"))}
     for name, items in sections.items():
         print(f"{name}: {', '.join(items) if items else '(none)'}")
+    for what, why in broken.items():
+        print(f"failed to load {what}: {why}")
     return 0
 
 
@@ -60,7 +68,10 @@ def _run(args: argparse.Namespace) -> int:
     from . import config, data
     from .runner import Runner
 
-    cfg = config.load(args.config)
+    from .executor import DaskExecutor
+
+    cfg = config.select(config.load(args.config), args.protectors, args.attacks)
+    executor = DaskExecutor(args.workers, args.scheduler) if args.workers or args.scheduler else None
     out = Path(args.out or Path("runs") / cfg.name)
     # Every check of the command line before the Runner starts anything: a bad path must not cost a training run.
     data.explicit_root(args.data_root, args.download)
@@ -68,8 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     check_writable_dir(Path(args.cache_dir) if args.cache_dir else data.cache_dir(),
                        "--cache-dir" if args.cache_dir else f"cache directory (${data.CACHE_ENV} or the default)")
     runner = Runner(cfg, out, data_root=args.data_root, download=args.download, key_file=args.key_file,
-                    cache_dir=args.cache_dir, progress=not args.no_progress, profile=not args.no_profile)
-    summary = runner.run()
+                    key_format=args.key_format, cache_dir=args.cache_dir, progress=not args.no_progress,
+                    profile=not args.no_profile)
+    summary = runner.run(executor)
     print(f"{cfg.name}: {summary['ran']} of {summary['cells']} cells ran (the rest were already recorded); "
           f"report in {out / 'REPORT.md'}")
     return 0
@@ -82,6 +94,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    return compare.main(args.ref, args.run, acc_tol=args.acc_tol, latency_tol=args.latency_tol)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepro-bench",
                                 description="Benchmark suite for DNN model protection on edge devices.")
@@ -92,19 +110,39 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<config name>)")
     r.add_argument("--data-root", help="dataset root (default: $EDGEPRO_BENCH_DATA, ./data, the cache)")
     r.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
-    r.add_argument("--key-file", help="device key file (default: $EDGEPRO_BENCH_KEY, else a key in the cache)")
+    r.add_argument("--key-file", help="device key file (default: $EDGEPRO_BENCH_KEY, $EDGEPRO_BENCH_KEY_FILE, "
+                   "else a key created once in the cache)")
+    r.add_argument("--key-format", choices=["hex", "raw"],
+                   help="how the key file is written: 64 hex digits (default) or 32 raw bytes")
     r.add_argument("--cache-dir", help="cache of trained models and artifacts (default: $EDGEPRO_BENCH_CACHE)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-profile", action="store_true", help="skip the latency profiler")
+    r.add_argument("--protectors", help="only these protector settings of the config (comma-separated)")
+    r.add_argument("--attacks", help="only these attacks of the config (comma-separated)")
+    ex = r.add_mutually_exclusive_group()
+    ex.add_argument("--workers", type=int, help="run cells on a local Dask cluster of N worker processes")
+    ex.add_argument("--scheduler", help="run cells on an existing Dask cluster (scheduler address)")
     r.set_defaults(func=_run)
     rep = sub.add_parser("report", help="rebuild tables, plots and REPORT.md from DIR/records")
     rep.add_argument("dir")
     rep.set_defaults(func=_report)
+    c = sub.add_parser("compare", help="compare a run with a reference run; exit 1 on accuracy drift")
+    c.add_argument("ref", help="reference run directory (e.g. results/quick)")
+    c.add_argument("run", help="run directory to check (e.g. runs/quick)")
+    c.add_argument("--acc-tol", type=float, default=0.02, help="least accuracy tolerance (default 0.02)")
+    c.add_argument("--latency-tol", type=float, default=0.10,
+                   help="relative change of an overhead ratio that is flagged (default 0.10; never fails)")
+    c.set_defaults(func=_compare)
     return p
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except BenchError as exc:

@@ -9,6 +9,7 @@ combination (the Cartesian product), each labelled ``name[gamma=0.05]``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -257,3 +258,24 @@ def load(name_or_path: str) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     return parse(raw, str(path))
+
+
+def select(cfg: RunConfig, protectors: str | None = None, attacks: str | None = None) -> RunConfig:
+    """The config with only the protector and attack settings named (comma-separated labels or registered names),
+    for ``bench run --protectors ... --attacks ...``."""
+
+    def pick(specs: list[PluginSpec], wanted: str | None, flag: str) -> list[PluginSpec]:
+        if wanted is None:
+            return specs
+        names = [w.strip() for w in wanted.split(",") if w.strip()]
+        if not names:
+            raise ConfigError(f"{flag}: give at least one name")
+        known = sorted({s.label for s in specs} | {s.name for s in specs})
+        for n in names:
+            if n not in known:
+                raise ConfigError(f"{flag}: {n!r} is not in config {cfg.name!r}{did_you_mean(n, known)} "
+                                  f"(there: {', '.join(known) or 'none'})")
+        return [s for s in specs if s.label in names or s.name in names]
+
+    return dataclasses.replace(cfg, protectors=pick(cfg.protectors, protectors, "--protectors"),
+                               attacks=pick(cfg.attacks, attacks, "--attacks"))

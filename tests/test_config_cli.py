@@ -94,3 +94,28 @@ def test_run_writes_records_tables_and_resumes(tmp_path, capsys):
     (out / "tables" / "effectiveness.csv").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "tables" / "effectiveness.csv").exists()
+
+
+def test_run_selects_protectors_and_attacks_from_the_config(capsys):
+    from bench import config
+
+    cfg = config.select(config.load("quick"), "edgepro,aes", "finetune")
+    assert [p.label for p in cfg.protectors] == ["aes", "edgepro"]
+    assert [a.name for a in cfg.attacks] == ["finetune"]
+    assert main(["run", "--config", "quick", "--attacks", "prune"]) == 2
+    assert "--attacks: 'prune' is not in config 'quick'" in capsys.readouterr().err
+
+
+def test_list_reports_a_plugin_that_fails_to_load(monkeypatch, capsys):
+    from protectors import protectors
+
+    monkeypatch.setitem(protectors._items, "broken-demo", "no_such_module_xyz:Thing")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "failed to load protector broken-demo: protector 'broken-demo': cannot load" in out
+    assert "broken-demo" not in out.splitlines()[2]
+
+
+def test_compare_cli_exit_codes(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "nope"), str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
