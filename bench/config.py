@@ -44,10 +44,14 @@ class ProfileConfig:
     min_seconds: float = 1.0
     warmup: int = 20
     throughput_batch: int = 64
+    #: keep measuring until every overhead ratio's 95% interval is within ±1%, at most this long per job
+    max_seconds: float = 20.0
 
     def validate(self) -> None:
         if self.min_queries < 1 or self.warmup < 0 or self.min_seconds < 0 or self.throughput_batch < 1:
             raise ValueError("'min_queries' and 'throughput_batch' must be >= 1, 'warmup' and 'min_seconds' >= 0")
+        if self.max_seconds < 0:
+            raise ValueError(f"'max_seconds' must be >= 0, got {self.max_seconds}")
 
 
 @dataclass(frozen=True)

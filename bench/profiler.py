@@ -50,7 +50,6 @@ PROFILE_SEED = 0
 BASELINE = "none|default"
 #: measure until every overhead ratio's 95% bootstrap interval is within ±1% of it, or this many seconds
 CI_TARGET = 0.01
-DEFAULT_MAX_SECONDS = 20.0
 
 
 def input_shape(model: str) -> tuple[int, int, int]:
@@ -183,7 +182,7 @@ def child(job_path: str) -> None:
     while ids and (rnd < prof.min_queries or time.perf_counter() - start < prof.min_seconds):
         rounds(1)
     # Then keep measuring until every overhead ratio's 95% interval is within ±CI_TARGET, or the time cap.
-    cap = max(prof.min_seconds, getattr(prof, "max_seconds", DEFAULT_MAX_SECONDS))
+    cap = max(prof.min_seconds, prof.max_seconds)
     cis = overhead_cis(times)
     while BASELINE in times and not all(c["rel"] <= CI_TARGET for c in cis.values()) \
             and time.perf_counter() - start < cap:
