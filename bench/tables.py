@@ -1,7 +1,9 @@
 """Tables built from the records alone (never kept by hand): effectiveness, attacks, overhead.
 
-Numeric columns hold the mean over seeds; ``<col>_std`` the standard deviation and ``n`` the number of runs.
-Markdown and LaTeX show ``mean ± std`` where more than one run went into a row.
+Numeric columns hold the mean over training seeds; ``<col>_std`` the standard deviation over training seeds and ``n``
+their number. Attack seeds are nested: the runs of one training seed are averaged first (``n_runs`` counts them
+all), so the spread shown is the spread between trainings, not between attack repetitions. Markdown and LaTeX show
+``mean ± std`` where more than one training seed went into a row.
 """
 
 from __future__ import annotations
@@ -36,11 +38,19 @@ def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
             df[v] = np.nan
         df[v] = pd.to_numeric(df[v], errors="coerce")
     order = {k: sorted(dict.fromkeys(df[k]), key=_rank) for k in keys}
+    runs = df.groupby(keys, sort=False, dropna=False).size().rename("n_runs")
+    if "seed" in df:  # attack seeds nested within training seeds: average them first
+        firsts_by_seed = df.groupby(keys + ["seed"], sort=False, dropna=False)[list(extra_first)].first() \
+            if extra_first else None
+        df = df.groupby(keys + ["seed"], sort=False, dropna=False)[values].mean()
+        if firsts_by_seed is not None:
+            df = pd.concat([df, firsts_by_seed], axis=1)
+        df = df.reset_index()
     g = df.groupby(keys, sort=False, dropna=False)
     mean = g[values].mean()
     std = g[values].std(ddof=1).add_suffix("_std")
     firsts = g[list(extra_first)].first() if extra_first else None
-    out = pd.concat([mean, std, g.size().rename("n")] + ([firsts] if firsts is not None else []), axis=1)
+    out = pd.concat([mean, std, g.size().rename("n"), runs] + ([firsts] if firsts is not None else []), axis=1)
     out = out.reset_index()
     for k in keys:
         out[k] = pd.Categorical(out[k], categories=order[k], ordered=True)
@@ -49,7 +59,7 @@ def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
 
 def effectiveness(records: list[dict]) -> pd.DataFrame:
     rows = [{"dataset": r["cell"]["dataset"], "model": r["cell"]["model"], "protector": r["cell"]["label"],
-             **{k: r["result"].get(k) for k in EFFECTIVENESS[3:]}}
+             "seed": r["cell"].get("seed", 0), **{k: r["result"].get(k) for k in EFFECTIVENESS[3:]}}
             for r in records if r["cell"].get("kind") == "effectiveness"]
     return _aggregate(rows, EFFECTIVENESS[:3], EFFECTIVENESS[3:])
 
@@ -62,11 +72,11 @@ def attacks(records: list[dict]) -> pd.DataFrame:
             continue
         extra = res.get("extra") or {}
         rows.append({"dataset": c["dataset"], "model": c["model"], "protector": c["label"],
-                     "attack": c["attack_label"], "param": c["param"],
+                     "attack": c["attack_label"], "param": c["param"], "seed": c.get("seed", 0),
                      **{k: res.get(k) for k in ATTACKS[5:]},
                      **{k: v for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                      "note": res.get("note", "")})
-    numeric = ATTACKS[5:] + sorted({k for row in rows for k in row if k not in ATTACKS and k != "note"})
+    numeric = ATTACKS[5:] + sorted({k for row in rows for k in row if k not in ATTACKS and k not in ("note", "seed")})
     return _aggregate(rows, ATTACKS[:5], numeric, extra_first=["note"])
 
 
@@ -81,7 +91,7 @@ def overhead(records: list[dict]) -> pd.DataFrame:
 
 
 BUILTIN_ORDER = ["none", "aes", "edgepro"]
-WHOLE = {"secret_bytes", "artifact_bytes", "n", "throughput_ips", "n_pass50", "n_pass80"}
+WHOLE = {"secret_bytes", "artifact_bytes", "n", "n_runs", "throughput_ips", "n_pass50", "n_pass80"}
 
 
 def _rank(value: Any) -> tuple:
