@@ -66,9 +66,8 @@ def check_writable_dir(path: Path, what: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from . import config, data
-    from .runner import Runner
-
     from .executor import DaskExecutor
+    from .runner import Runner
 
     cfg = config.select(config.load(args.config), args.protectors, args.attacks)
     executor = DaskExecutor(args.workers, args.scheduler) if args.workers or args.scheduler else None

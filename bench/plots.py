@@ -11,8 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from . import tables  # noqa: E402
-
 
 def _save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +43,8 @@ def pruning(att: pd.DataFrame, stem: Path) -> list[Path]:
             for (prot, ft), h in g[g["attack"] == attack].groupby(["protector", "ft"], sort=False):
                 h = h.sort_values("ratio")
                 style = "-" if not ft else "--"
-                line, = ax.plot(h["ratio"], h["stolen_acc_after"], style, marker="o",
-                                label=f"{prot} stolen{' +ft' if ft else ''}")
+                line = ax.errorbar(h["ratio"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), fmt=style,
+                                   marker="o", capsize=2, label=f"{prot} stolen{' +ft' if ft else ''}").lines[0]
                 if h["auth_acc_after"].notna().any() and prot != "none":
                     ax.plot(h["ratio"], h["auth_acc_after"], style, marker="x", color=line.get_color(), alpha=0.5,
                             label=f"{prot} authorized{' +ft' if ft else ''}")
@@ -113,7 +111,11 @@ def overhead(ov: pd.DataFrame, stem: Path) -> list[Path]:
         width = 0.8 / max(1, len(variants))
         for i, v in enumerate(variants):
             h = g[(g["protector"] + " " + g["mode"]) == v].set_index("target").reindex(targets_)
-            ax.bar(np.arange(len(targets_)) + i * width, h["overhead"], width, label=v)
+            err = None
+            if "overhead_ci_low" in h:  # the 95% bootstrap interval of the ratio
+                err = np.vstack([(h["overhead"] - h["overhead_ci_low"]).clip(lower=0).fillna(0),
+                                 (h["overhead_ci_high"] - h["overhead"]).clip(lower=0).fillna(0)])
+            ax.bar(np.arange(len(targets_)) + i * width, h["overhead"], width, yerr=err, capsize=2, label=v)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(1.03, color="r", lw=0.8, ls=":", label="+3%")
         ax.set_xticks(np.arange(len(targets_)) + width * (len(variants) - 1) / 2, targets_, rotation=20, ha="right",
@@ -156,11 +158,3 @@ def worst_case(eff: pd.DataFrame, att: pd.DataFrame) -> pd.DataFrame:
                      "worst_attack": f"{best['attack']} {best['param']}" if best is not None else "none",
                      "worst_gain": best["gain"] if best is not None else np.nan})
     return pd.DataFrame(rows)
-
-
-def write_all(records: list[dict], out: Path) -> dict[str, list[Path]]:
-    eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
-    made = {"pruning": pruning(att, out / "pruning"), "finetune": finetune(att, out / "finetune"),
-            "guessing": guessing(records, out / "guessing"), "overhead": overhead(ov, out / "overhead"),
-            "security_vs_cost": security_vs_cost(eff, att, out / "security_vs_cost")}
-    return {k: v for k, v in made.items() if v}

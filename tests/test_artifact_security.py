@@ -118,7 +118,6 @@ def test_aes_ciphertext_swap_between_artifacts_detected(lenet):
 
 def test_replaced_onnx_graphs_are_rejected(lenet):
     """A per-inference graph that just outputs a weight input, and a replaced EdgePro mask graph."""
-    import onnx
     from onnx import TensorProto, helper
 
     p, art = build("aes", "per-inference", lenet)
@@ -174,10 +173,10 @@ def test_old_format_gets_a_clear_error(lenet, tmp_path):
 
 def test_password_not_reproducible_from_public_inputs(clean_lenet, digits, lenet_factory, key, other_key):
     """The public config (seed, parameters) plus the clean model do not give the password; the key does."""
+    from conftest import make_context
+
     from protectors.crypto import secret_seed
     from protectors.edgepro import rank_neurons, select_neurons
-
-    from conftest import make_context
 
     ep = protectors.get("edgepro")
 
