@@ -7,9 +7,9 @@ Built-ins are imported here so their names are always registered; third-party pr
 from . import aes, edgepro, none  # noqa: F401  (registers the built-ins)
 from .artifact import Artifact
 from .base import SECRET_KINDS, PluginContext, Protector, latency_context
+from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
 from .onnx_runtime import NotSupported
 from .pruning import Pruned
-from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
 from .registry import Registry
 from .registry_instance import protectors
 
