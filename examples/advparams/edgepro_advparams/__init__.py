@@ -254,8 +254,7 @@ class AdvParamsProtector(Protector):
     # small models (digits/LeNet-5: 0.25–0.57 depending on D_e), so the plugin does not claim a useless stolen copy:
     # the tables report what it measured.
     claims_stolen_chance = False
-    # stolen_holds_weights / claims_stolen_chance keep their defaults: the thief's copy holds (perturbed) trained
-    # weights, and it is meant to be useless.
+    # stolen_holds_weights keeps its default: the thief's copy holds (perturbed) trained weights.
 
     # -- the four methods every protector writes --------------------------------------------------------------
     def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
