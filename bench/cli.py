@@ -96,7 +96,18 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from . import compare
 
-    return compare.main(args.ref, args.run, acc_tol=args.acc_tol, latency_tol=args.latency_tol)
+    if not args.summary:
+        return compare.main(args.ref, args.run, acc_tol=args.acc_tol, latency_tol=args.latency_tol)
+    # The friendly form (tox -e bench): a short summary, a section in RUN/REPORT.md, and exit 0 even on drift.
+    result = compare.compare(args.ref, args.run, acc_tol=args.acc_tol, latency_tol=args.latency_tol)
+    print(result.text(max_rows=20))
+    if args.report:
+        compare.append_to_report(args.run, args.ref, acc_tol=args.acc_tol, latency_tol=args.latency_tol)
+        print(f"comparison added to {Path(args.run) / 'REPORT.md'}")
+    if not result.ok:
+        print(f"drift from {args.ref}: see above; 'python -m bench compare {args.ref} {args.run}' lists every value "
+              "and exits 1 (the README says what to do)")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--acc-tol", type=float, default=0.02, help="least accuracy tolerance (default 0.02)")
     c.add_argument("--latency-tol", type=float, default=0.10,
                    help="relative change of an overhead ratio that is flagged (default 0.10; never fails)")
+    c.add_argument("--summary", action="store_true",
+                   help="a short summary only, and exit 0 even on drift (what tox -e bench shows)")
+    c.add_argument("--report", action="store_true", help="also add the comparison as a section of RUN/REPORT.md")
     c.set_defaults(func=_compare)
     return p
 
