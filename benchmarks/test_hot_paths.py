@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import protectors
-from bench import models, profiler
+from bench import models
+from protectors.base import latency_context
 from protectors.crypto import GcmDecryptor, encrypt
 from protectors.lock import MaskedSite
 
@@ -49,9 +50,8 @@ def test_mask_application(benchmark):
 
 def test_password_decryption(benchmark):
     fac = models.factory("lenet5", 1, 28, 10, 0)
-    m = fac()
     ep = protectors.get("edgepro")
-    art = ep.protect_for_latency(m, profiler._ctx_for_latency(m, (1, 28, 28)), KEY)
+    art = ep.protect_for_latency(fac(), latency_context(fac, torch.zeros(1, 1, 28, 28), 10, secret_seed=1), KEY)
     pw = benchmark(ep.password, art, KEY)
     assert sum(len(v) for v in pw.neurons.values()) == 1 + 2 + 12 + 9
 
