@@ -4,7 +4,7 @@ Built-ins are imported here so their names are always registered; third-party at
 ``edgepro_bench.attacks`` entry-point group.
 """
 
-from . import finetune, guess, prune  # noqa: F401  (registers the built-ins)
+from . import finetune, guess, inspect_weights, keyrecovery, prune  # noqa: F401  (registers the built-ins)
 from .base import Attack, Loot, Outcome, ThiefContext
 from .registry_instance import attacks
 
