@@ -4,7 +4,7 @@ Built-ins are imported here so their names are always registered; third-party pr
 ``edgepro_bench.protectors`` entry-point group (see the README, "Writing a protector plugin").
 """
 
-from . import aes, edgepro, he_paillier, hpnn, none, shield  # noqa: F401  (registers the built-ins and peers)
+from . import aes, edgepro, he_paillier, hpnn, nnsplitter, none, shield  # noqa: F401  (registers the built-ins and peers)
 from .artifact import Artifact
 from .base import SECRET_KINDS, PluginContext, Protector, latency_context
 from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError

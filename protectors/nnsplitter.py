@@ -434,6 +434,9 @@ class NNSplitterProtector(Protector):
     Params = NNSplitterParams
     secret_kind = "weight-correction"
     modes = ("restore", "tee")
+    # The paper reaches chance on ResNet-18/CIFAR-10 (17 conv layers); on LeNet-5's two conv layers the stolen copy
+    # keeps 0.22-0.49 (digits, six key draws): the suite reports it rather than claiming a useless copy.
+    claims_stolen_chance = False
 
     def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
