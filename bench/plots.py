@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import tables  # noqa: E402
+
 
 def _save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ def overhead(ov: pd.DataFrame, stem: Path) -> list[Path]:
 def security_vs_cost(eff: pd.DataFrame, att: pd.DataFrame, stem: Path) -> list[Path]:
     if eff.empty:
         return []
-    worst = worst_case(eff, att)
+    worst = tables.worst_case(eff, att)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     several = worst[["dataset", "model"]].drop_duplicates().shape[0] > 1
     markers = "osD^v<>pPX*h"
@@ -142,19 +144,3 @@ def security_vs_cost(eff: pd.DataFrame, att: pd.DataFrame, stem: Path) -> list[P
            title="Security vs cost (lower-left is better)")
     ax.grid(alpha=0.3)
     return _save(fig, stem)
-
-
-def worst_case(eff: pd.DataFrame, att: pd.DataFrame) -> pd.DataFrame:
-    """Per protector setting: accuracy loss, and the best stolen accuracy any attack reached (and which)."""
-    rows = []
-    for _, e in eff.iterrows():
-        a = att[(att["dataset"] == e["dataset"]) & (att["model"] == e["model"]) & (att["protector"] == e["protector"])]
-        a = a.dropna(subset=["stolen_acc_after"])
-        best = a.loc[a["stolen_acc_after"].idxmax()] if len(a) else None
-        rows.append({"dataset": e["dataset"], "model": e["model"], "protector": e["protector"],
-                     "acc_loss": e["acc_loss"], "stolen_acc": e["stolen_acc"],
-                     "worst_stolen_acc": max(e["stolen_acc"], best["stolen_acc_after"]) if best is not None
-                     else e["stolen_acc"],
-                     "worst_attack": f"{best['attack']} {best['param']}" if best is not None else "none",
-                     "worst_gain": best["gain"] if best is not None else np.nan})
-    return pd.DataFrame(rows)

@@ -24,7 +24,7 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]
     """Plain-language findings, each sentence computed from the tables."""
     lines = []
     if len(eff):
-        worst = plots.worst_case(eff, att)
+        worst = tables.worst_case(eff, att)
         for _, e in eff.iterrows():
             w = worst[(worst["dataset"] == e["dataset"]) & (worst["model"] == e["model"])
                       & (worst["protector"] == e["protector"])].iloc[0]
@@ -33,7 +33,8 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]
                  f"gets {e['stolen_acc']:.3f}")
             if w["worst_attack"] != "none" and not np.isnan(w["worst_gain"]):
                 share = w["worst_stolen_acc"] / e["clean_acc"] if e["clean_acc"] else np.nan
-                s += (f"; the strongest attack ({w['worst_attack']}) reaches {w['worst_stolen_acc']:.3f}, "
+                s += (f"; the strongest attack (the defender's worst case over the attacks, scored on the test set: "
+                      f"{w['worst_attack']}) reaches {w['worst_stolen_acc']:.3f}, "
                       f"{_pct(share)} of clean accuracy, {w['worst_gain']:+.3f} over training from scratch")
                 if e["protector"] != "none" and share >= 0.9 and w["worst_gain"] > 0.1:
                     s += " — **this attack breaks the protection at this budget**"
@@ -63,7 +64,8 @@ def write(run_dir: str | Path) -> Path:
     records = RecordStore(run_dir).load_all()
     eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
     guesses = att[att["overlap_mean"].notna()] if "overlap_mean" in att else att.iloc[0:0]
-    frames = {"effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
+    frames = {"comparison": (tables.comparison(records, eff, att, ov), tables.COMPARISON),
+              "effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
               "guessing": (guesses.reset_index(drop=True), tables.GUESSING),
               "overhead": (ov, tables.OVERHEAD_SHOWN)}
     made = _plots(records, eff, att, ov, run_dir / "plots")

@@ -90,6 +90,58 @@ def overhead(records: list[dict]) -> pd.DataFrame:
     return _aggregate(rows, OVERHEAD[:4], numeric, extra_first=["note"])
 
 
+def worst_case(eff: pd.DataFrame, att: pd.DataFrame) -> pd.DataFrame:
+    """Per protector setting: accuracy loss, and the defender's worst case: the highest stolen accuracy any attack
+    reached (scored on the test set, mean over training seeds), which attack, and its gain over scratch."""
+    rows = []
+    for _, e in eff.iterrows():
+        a = att[(att["dataset"] == e["dataset"]) & (att["model"] == e["model"]) & (att["protector"] == e["protector"])]
+        a = a.dropna(subset=["stolen_acc_after"])
+        best = a.loc[a["stolen_acc_after"].idxmax()] if len(a) else None
+        rows.append({"dataset": e["dataset"], "model": e["model"], "protector": e["protector"],
+                     "acc_loss": e["acc_loss"], "stolen_acc": e["stolen_acc"],
+                     "worst_stolen_acc": max(e["stolen_acc"], best["stolen_acc_after"]) if best is not None
+                     else e["stolen_acc"],
+                     "worst_attack": f"{best['attack']} {best['param']}" if best is not None else "none",
+                     "worst_gain": best["gain"] if best is not None else np.nan})
+    return pd.DataFrame(rows)
+
+
+#: the README's one comparison table
+COMPARISON = ["dataset", "model", "protector", "acc_loss", "stolen_acc", "strongest_attack", "strongest_acc",
+              "strongest_scratch", "strongest_gain", "secret_bytes", "mode", "overhead_torch-cpu-1t",
+              "overhead_onnxruntime-cpu-1t"]
+COMPARISON_TARGETS = ("torch-cpu-1t", "onnxruntime-cpu-1t")
+
+
+def comparison(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> pd.DataFrame:
+    """Per protector setting: accuracy loss, stolen accuracy, the strongest attack against scratch, secret bytes,
+    and the per-inference overhead of its default deploy mode on the single-core edge runtimes."""
+    if eff.empty:
+        return pd.DataFrame(columns=COMPARISON)
+    default_mode = {r["cell"]["label"]: (r["result"].get("declaration") or {}).get("modes", [None])[0]
+                    for r in records if r["cell"].get("kind") == "effectiveness"}
+    worst = worst_case(eff, att)
+    rows = []
+    for _, w in worst.iterrows():
+        e = eff[(eff["dataset"] == w["dataset"]) & (eff["model"] == w["model"]) & (eff["protector"] == w["protector"])]
+        a = att[(att["dataset"] == w["dataset"]) & (att["model"] == w["model"]) & (att["protector"] == w["protector"])
+                & ((att["attack"] + " " + att["param"]) == w["worst_attack"])]
+        row = {"dataset": w["dataset"], "model": w["model"], "protector": w["protector"],
+               "acc_loss": w["acc_loss"], "stolen_acc": w["stolen_acc"], "strongest_attack": w["worst_attack"],
+               "strongest_acc": w["worst_stolen_acc"],
+               "strongest_scratch": a["scratch_acc"].iloc[0] if len(a) else np.nan,
+               "strongest_gain": w["worst_gain"], "secret_bytes": e["secret_bytes"].iloc[0]}
+        mode = default_mode.get(w["protector"])
+        for t in COMPARISON_TARGETS:
+            o = ov[(ov["model"] == w["model"]) & (ov["protector"] == w["protector"]) & (ov["target"] == t)
+                   & (ov["mode"] == mode)] if len(ov) else ov
+            row[f"overhead_{t}"] = o["overhead"].iloc[0] if len(o) else np.nan
+        row["mode"] = mode
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 BUILTIN_ORDER = ["none", "aes", "edgepro"]
 WHOLE = {"secret_bytes", "artifact_bytes", "n", "n_runs", "throughput_ips", "n_pass50", "n_pass80"}
 
