@@ -5,6 +5,8 @@ import pytest
 from bench import config
 from bench.runner import Runner
 
+pytestmark = pytest.mark.slow  # trains (seconds each)
+
 CFG = """
 name = "t"
 datasets = ["digits"]
