@@ -55,7 +55,7 @@ def test_report_writes_tables_plots_and_summary(tmp_path):
         (tmp_path / "records" / f"{i}.json").write_text(json.dumps(r))
     path = report.write(tmp_path)
     text = path.read_text()
-    assert "## Summary" in text and "strongest attack (finetune f=0.1) reaches 0.860" in text
+    assert "## Summary" in text and "scored on the test set: finetune f=0.1) reaches 0.860" in text
     for name in ("security_vs_cost", "finetune", "pruning", "guessing"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
         assert (tmp_path / "plots" / f"{name}.pdf").exists()
