@@ -72,6 +72,8 @@ class Outcome:
     pruned: Pruned | None = None
     #: the attacker's guess of the secret, compared with the real one by the harness (reporting only)
     guess: Any = None
+    #: the learning rate the attack trained with, when not the training config's: the scratch baseline uses it too
+    lr: float | None = None
 
 
 class Attack(Configurable, ABC):

@@ -51,4 +51,4 @@ class Finetune(Attack):
         fraction = float(cell.removeprefix("f="))
         p = self.params
         model = finetune(loot.stolen_model(), ctx, fraction, p.epochs, p.lr, desc=f"finetune {cell}")
-        return Outcome(cell, model, (fraction, self.params.epochs))
+        return Outcome(cell, model, (fraction, self.params.epochs), lr=p.lr)

@@ -130,23 +130,25 @@ class Workbench:
     def clean_acc(self) -> float:
         return self.trainer.evaluate(self.clean, self.splits.test_x, self.splits.test_y)
 
-    def scratch_acc(self, fraction: float, epochs: int, seed: int) -> float:
-        """Accuracy of the thief's own model: random init, trained on the thief's subset with the same budget."""
-        key = (fraction, epochs, seed)
+    def scratch_acc(self, fraction: float, epochs: int, seed: int, lr: float | None = None) -> float:
+        """Accuracy of the thief's own model: random init, trained on the thief's subset with the same budget (and
+        the attack's learning rate, when it set one)."""
+        key = (fraction, epochs, seed, lr)
         if key not in self._scratch:
-            self._scratch[key] = self._scratch_acc(fraction, epochs, seed)
+            self._scratch[key] = self._scratch_acc(fraction, epochs, seed, lr)
         return self._scratch[key]
 
-    def _scratch_acc(self, fraction: float, epochs: int, seed: int) -> float:
+    def _scratch_acc(self, fraction: float, epochs: int, seed: int, lr: float | None) -> float:
         def train(m):
             seed_everything(seed)
             x, y = self.thief_data(fraction, seed)
-            return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch")
+            return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch", lr=lr)
 
         if epochs == 0:
             model = self.thief_factory(seed)().eval()
         else:
-            key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed}
+            key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed,
+                   **({"lr": lr} if lr is not None else {})}
             model = self.runner.cache.model(key, self.thief_factory(seed), train)
         return self.trainer.evaluate(model, self.splits.test_x, self.splits.test_y)
 
@@ -281,7 +283,7 @@ class Runner:
             accs = np.asarray(extra["test_accs"])
             extra["n_pass50"] = int((accs >= 0.5 * clean).sum())
             extra["n_pass80"] = int((accs >= 0.8 * clean).sum())
-        scratch = wb.scratch_acc(*o.budget, seed=aseed)
+        scratch = wb.scratch_acc(*o.budget, seed=aseed, lr=o.lr)
         return {"applicable": True, "stolen_acc_after": stolen_after, "auth_acc_after": auth_after,
                 "scratch_acc": scratch, "gain": stolen_after - scratch, "budget": list(o.budget), "extra": extra,
                 "seconds": seconds, "note": note}
