@@ -127,6 +127,9 @@ class OnnxRuntimeCpu1t(Target):
         return np.ascontiguousarray(x.numpy())
 
     def load(self, protector, artifact, key, factory, mode):
+        why = artifact.meta.get("onnx_unsupported")  # onnx_build said so when the deployment was built
+        if why:
+            raise NotImplementedError(why if why.startswith("n/a") else f"n/a: {why}")
         try:
             return protector.onnx_load(artifact, key, mode, threads=1)
         except NotSupported as exc:
