@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,6 +89,28 @@ def _device(ctx: ThiefContext) -> torch.device:
     return torch.device(getattr(ctx.trainer, "device", "cpu"))
 
 
+class _Setup(NamedTuple):
+    """What every key attack starts from: the stolen copy, a frozen copy on the device, the thief's data, the sites'
+    widths and the number of locked neurons K the thief assumes."""
+
+    dev: torch.device
+    stolen: nn.Module
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    widths: dict[str, int]
+    k: int
+
+
+def _setup(loot: Loot, ctx: ThiefContext, fraction: float, key_bits: int | None) -> _Setup:
+    dev = _device(ctx)
+    stolen = loot.stolen_model()
+    x, y = ctx.thief_data(fraction, ctx.seed)
+    widths = lock.site_widths(stolen, thief_sites(loot, ctx), x[:1])
+    k = thief_k(loot, key_bits, sum(widths.values()))
+    return _Setup(dev, stolen, _frozen(stolen, dev), x, y, widths, k)
+
+
 def _result(stolen: nn.Module, guess: SignKey) -> nn.Module:
     return apply_key(copy.deepcopy(stolen), guess).eval()
 
@@ -127,17 +150,12 @@ class KeyGuessRandom(Attack):
     @torch.no_grad()
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params
-        dev = _device(ctx)
-        stolen = loot.stolen_model()
-        x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = lock.site_widths(stolen, thief_sites(loot, ctx), x[:1])
-        k = thief_k(loot, p.key_bits, sum(widths.values()))
+        dev, stolen, model, x, y, widths, k = _setup(loot, ctx, p.fraction, p.key_bits)
         tx, ty = ctx.test_x, ctx.test_y
         if len(tx) > p.stats_samples:
             tx, ty = stratified_subset(tx, ty, p.stats_samples / len(ty), ctx.seed)
         x, y, tx, ty = x.to(dev), y.to(dev), tx.to(dev), ty.to(dev)
         rng = np.random.default_rng(stream_seed(ctx.seed, "thief/key-guesses"))
-        model = _frozen(stolen, dev)
         signs = _Signs(model, {s: torch.ones(w, device=dev) for s, w in widths.items()})
         scores = []
         for _ in range(p.guesses):
@@ -188,13 +206,8 @@ class KeyRecoveryGreedy(Attack):
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params
-        dev = _device(ctx)
-        stolen = loot.stolen_model()
-        x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = lock.site_widths(stolen, thief_sites(loot, ctx), x[:1])
-        k = thief_k(loot, p.key_bits, sum(widths.values()))
+        dev, stolen, model, x, y, widths, k = _setup(loot, ctx, p.fraction, p.key_bits)
         x, y = x.to(dev), y.to(dev)
-        model = _frozen(stolen, dev)
         masks = {s: torch.ones(w, device=dev) for s, w in widths.items()}
         signs = _Signs(model, masks)
         with torch.no_grad():
@@ -269,12 +282,7 @@ class SignLearning(Attack):
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params
-        dev = _device(ctx)
-        stolen = loot.stolen_model()
-        x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = lock.site_widths(stolen, thief_sites(loot, ctx), x[:1])
-        k = thief_k(loot, p.key_bits, sum(widths.values()))
-        model = _frozen(stolen, dev)
+        dev, stolen, model, x, y, widths, k = _setup(loot, ctx, p.fraction, p.key_bits)
         theta = {s: torch.full((w,), p.init, device=dev, requires_grad=True) for s, w in widths.items()}
         signs = _Signs(model, theta, torch.tanh)
         opt = torch.optim.Adam(list(theta.values()), lr=p.lr)

@@ -281,8 +281,9 @@ def run_config(runner) -> int:
     for model_name in prof.models:
         for target_name in prof.targets:
             for label, spec, mode in _variants(runner):
-                cells.append({"kind": "profile", "model": model_name, "protector": label, "plugin": spec.key(),
-                              "mode": mode, "target": target_name, "profile": asdict(prof)})
+                cells.append({"kind": "profile", "model": model_name, "protector": label,
+                              "plugin": runner.plugin_key(spec), "mode": mode, "target": target_name,
+                              "profile": asdict(prof)})
     todo = [c for c in cells if not runner.store.has(c)]
     if not todo:
         return 0

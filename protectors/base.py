@@ -298,7 +298,10 @@ class Protector(Configurable, ABC):
         return artifact.secret_bytes
 
     def keyspace_bits(self, artifact: Artifact) -> float:
-        """log2 of the guesses a thief needs: the 256-bit key by default (override when the secret is smaller)."""
+        """log2 of the guesses a thief needs: what ``protect`` recorded as ``keyspace_bits`` in the metadata when the
+        secret itself is smaller than the key, else the 256-bit key (0 without a secret)."""
+        if "keyspace_bits" in artifact.meta:
+            return float(artifact.meta["keyspace_bits"])
         return 0.0 if self.secret_kind == "none" else 256.0
 
     def compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:

@@ -46,8 +46,7 @@ from .seeding import torch_generator
 from .weights import state_bytes
 
 BLOB = "password.enc"
-ONNX = "model.onnx"
-ONNX_SITES = "graph_inputs.txt"
+ONNX = onnx_runtime.MASKED
 FOLD_PRODUCERS = "fold_producers.json"
 #: parameters that are part of the password, so never written to the plaintext metadata.
 SECRET_PARAMS = ("lock_value", "scale", "sites")
@@ -218,24 +217,6 @@ def fold_password(model: nn.Module, password: Password, producers: dict[str, str
     return model
 
 
-class _MaskInputs(nn.Module):
-    """The masked model with each site's mask a graph input (for ONNX export)."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        super().__init__()
-        self.model, self.names = model, names
-        self.sites = [model.get_submodule(n) for n in names]
-
-    def forward(self, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-        for site, m in zip(self.sites, masks):
-            site.external = m
-        try:
-            return self.model(x)
-        finally:
-            for site in self.sites:
-                site.external = None
-
-
 @protectors.register()
 class EdgeProProtector(Protector):
     """EdgePro neuron authorization; see the module docstring."""
@@ -308,9 +289,6 @@ class EdgeProProtector(Protector):
         overlap = self.password(artifact, key).overlap(guess)
         return {"overlap": overlap, "overlap_mean": float(np.mean(list(overlap.values())))}
 
-    def keyspace_bits(self, artifact):
-        return float(artifact.meta.get("keyspace_bits", 0.0))
-
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
     def onnx_build(self, artifact, key, model_factory, mode, example):
         mode = self.check_mode(mode)
@@ -320,13 +298,7 @@ class EdgeProProtector(Protector):
             artifact.put(ONNX, onnx_runtime.export(model, example))
             artifact.put(FOLD_PRODUCERS, json.dumps(getattr(model, "fold_producers", {})).encode())
             return
-        model = self.deploy(artifact, key, model_factory, "mask")
-        sites = sorted(lock.sites_of(model))
-        with torch.no_grad():
-            model(example)  # each site learns its activation's rank; masks are fed already shaped to broadcast
-        masks = [model.get_submodule(s).view for s in sites]
-        artifact.put(ONNX, onnx_runtime.export(_MaskInputs(model, sites), example, masks))
-        artifact.put(ONNX_SITES, "\n".join(sites).encode())
+        onnx_runtime.put_masked_graph(artifact, self.deploy(artifact, key, model_factory, "mask"), example)
 
     def onnx_load(self, artifact, key, mode, threads=1):
         mode = self.check_mode(mode)
@@ -346,9 +318,4 @@ class EdgeProProtector(Protector):
                             w * mask.numpy().reshape(-1, *([1] * (w.ndim - 1))))
             graph = onnx_runtime.replace_initializers(artifact.file(ONNX), folded)
             return onnx_runtime.bound(onnx_runtime.session(graph, threads))
-        sess = onnx_runtime.session(artifact.file(ONNX), threads)
-        sites = artifact.file(ONNX_SITES).decode().split("\n")
-        shapes = onnx_runtime.graph_inputs(sess)
-        feed = {f"rest_{i}": password.mask(s).numpy().reshape(shapes[f"rest_{i}"])
-                for i, s in enumerate(sites) if f"rest_{i}" in shapes}
-        return onnx_runtime.bound(sess, feed)
+        return onnx_runtime.load_masked_graph(artifact, password.mask, threads)

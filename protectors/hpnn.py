@@ -63,15 +63,12 @@ from torch import nn
 from . import lock, onnx_runtime
 from .artifact import Artifact
 from .base import PluginContext, Protector
-from .edgepro import _MaskInputs
 from .errors import ArtifactError, ConfigError
 from .none import WEIGHTS, load_weights
 from .registry_instance import protectors
 from .weights import state_bytes
 
 BLOB = "key.enc"
-ONNX = "model.onnx"
-ONNX_SITES = "graph_inputs.txt"
 
 
 @dataclass(frozen=True)
@@ -267,25 +264,10 @@ class HpnnProtector(Protector):
             return {}
         return self.sign_key(artifact, key).agreement(guess)
 
-    def keyspace_bits(self, artifact):
-        return float(artifact.meta.get("keyspace_bits", 0.0))
-
     # -- ONNX Runtime: the sign masks are graph inputs, fed from the decrypted key at load --------------------
     def onnx_build(self, artifact, key, model_factory, mode, example):
-        model = self.deploy(artifact, key, model_factory, mode)
-        sites = sorted(lock.sites_of(model))
-        with torch.no_grad():
-            model(example)  # each site learns its activation's rank; masks are fed already shaped to broadcast
-        masks = [model.get_submodule(s).view for s in sites]
-        artifact.put(ONNX, onnx_runtime.export(_MaskInputs(model, sites), example, masks))
-        artifact.put(ONNX_SITES, "\n".join(sites).encode())
+        onnx_runtime.put_masked_graph(artifact, self.deploy(artifact, key, model_factory, mode), example)
 
     def onnx_load(self, artifact, key, mode, threads=1):
         self.check_mode(mode)
-        secret = self.sign_key(artifact, key)
-        sess = onnx_runtime.session(artifact.file(ONNX), threads)
-        sites = artifact.file(ONNX_SITES).decode().split("\n")
-        shapes = onnx_runtime.graph_inputs(sess)
-        feed = {f"rest_{i}": secret.mask(s).numpy().reshape(shapes[f"rest_{i}"])
-                for i, s in enumerate(sites) if f"rest_{i}" in shapes}
-        return onnx_runtime.bound(sess, feed)
+        return onnx_runtime.load_masked_graph(artifact, self.sign_key(artifact, key).mask, threads)

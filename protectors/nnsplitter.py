@@ -486,9 +486,6 @@ class NNSplitterProtector(Protector):
             secret = remap(model, secret, pruned)
         return restore(model, secret).eval()
 
-    def keyspace_bits(self, artifact):
-        return float(artifact.meta.get("keyspace_bits", 256.0))
-
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
     def onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "restore":

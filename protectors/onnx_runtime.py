@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .base import OnnxRunner
 
 SEALED = "model.onnx.enc"
+MASKED = "model.onnx"
+MASK_SITES = "graph_inputs.txt"
 
 
 class NotSupported(Exception):
@@ -108,3 +110,44 @@ def sealed_graph(model: nn.Module, example: torch.Tensor, artifact: Artifact, ke
 
 def load_sealed_graph(artifact: Artifact, key: bytes, threads: int) -> OnnxRunner:
     return bound(session(artifact.decrypt(SEALED, key), threads))
+
+
+class _MaskInputs(nn.Module):
+    """A model with masked lock sites, each site's mask a graph input (for export)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+        self.sites = [model.get_submodule(n) for n in names]
+
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        for site, m in zip(self.sites, masks):
+            site.external = m
+        try:
+            return self.model(x)
+        finally:
+            for site in self.sites:
+                site.external = None
+
+
+def put_masked_graph(artifact: Artifact, model: nn.Module, example: torch.Tensor) -> None:
+    """Add ``model`` (with :class:`~protectors.lock.MaskedSite` sites installed) exported with every site's mask a
+    graph input: the secret masks are never in the file; :func:`load_masked_graph` feeds them at load."""
+    from .lock import sites_of
+
+    sites = sorted(sites_of(model))
+    with torch.no_grad():
+        model(example)  # each site learns its activation's rank: the masks are fed already shaped to broadcast
+    masks = [model.get_submodule(s).view for s in sites]
+    artifact.put(MASKED, export(_MaskInputs(model, sites), example, masks))
+    artifact.put(MASK_SITES, "\n".join(sites).encode())
+
+
+def load_masked_graph(artifact: Artifact, mask_of, threads: int) -> OnnxRunner:
+    """A session over :func:`put_masked_graph`'s file with each site's mask (``mask_of(site)``) bound once."""
+    sess = session(artifact.file(MASKED), threads)
+    sites = artifact.file(MASK_SITES).decode().split("\n")
+    shapes = graph_inputs(sess)
+    feed = {f"rest_{i}": mask_of(s).numpy().reshape(shapes[f"rest_{i}"])
+            for i, s in enumerate(sites) if f"rest_{i}" in shapes}
+    return bound(sess, feed)
