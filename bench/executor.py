@@ -27,9 +27,10 @@ def _runner(spec_key: str, spec: dict[str, Any]):
     if spec_key not in _RUNNERS:
         import torch
 
-        from .runner import Runner
+        from .runner import CELL_THREADS, Runner
 
-        torch.set_num_threads(1)  # one core per worker: N workers on N cores
+
+        torch.set_num_threads(CELL_THREADS)  # the serial runner's arithmetic; one core per worker
         _RUNNERS.clear()
         _RUNNERS[spec_key] = Runner(spec["cfg"], spec["out"], data_root=spec["data_root"], download=spec["download"],
                                     key_file=spec["key_file"], key_format=spec["key_format"],

@@ -34,6 +34,9 @@ from .records import RecordStore
 from .training import Trainer
 
 CALIB_SIZE = 200
+#: intra-op threads for every accuracy cell, on every executor: the float arithmetic of training depends on the thread
+#: count, so pinning it makes serial, ``--workers`` and cluster runs (and machines with other core counts) agree
+CELL_THREADS = 1
 
 
 def train_key(train) -> dict[str, Any]:
@@ -209,12 +212,17 @@ class Runner:
 
         cells = list(self.cells())
         todo = [(k, e, c) for k, e, c in cells if not self.store.has(c)]
+        threads = torch.get_num_threads()
         with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
                   disable=not self.progress, unit="cell") as bar:
             if executor is None:
-                for kind, exp, cell in todo:
-                    self.run_cell(kind, exp, cell)
-                    bar.update(1)
+                torch.set_num_threads(CELL_THREADS)
+                try:
+                    for kind, exp, cell in todo:
+                        self.run_cell(kind, exp, cell)
+                        bar.update(1)
+                finally:
+                    torch.set_num_threads(threads)
             else:
                 executor.run(self, todo, on_done=lambda: bar.update(1))
         # Latency only now, with nothing else running on this machine (the executor's workers are gone).

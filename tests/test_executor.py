@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from bench import config
 from bench.executor import DaskExecutor
@@ -44,13 +43,8 @@ def test_two_workers_give_the_serial_records(tmp_path, monkeypatch):
     key = tmp_path / "k.key"
     key.write_text(bytes(range(32)).hex())
     key.chmod(0o600)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run one thread each: the same arithmetic
-    try:
-        Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
-               profile=False).run()
-    finally:
-        torch.set_num_threads(threads)
+    Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
+           profile=False).run()
     summary = Runner(cfg, tmp_path / "dask", key_file=str(key), cache_dir=tmp_path / "c2", progress=False,
                      profile=False).run(DaskExecutor(workers=2))
     assert summary["ran"] == summary["cells"] == 6

@@ -37,3 +37,28 @@ def test_register_rejects_non_subclass_and_duplicates():
     reg.add("none", protectors.protectors.get("none"))
     with pytest.raises(ValueError, match="registered twice"):
         reg.add("none", protectors.protectors.get("aes"))
+
+
+def test_editing_a_plugins_code_changes_its_identity(tmp_path, monkeypatch):
+    """Cached artifacts and records are keyed by the plugin's identity, so an edit recomputes its cells."""
+    import importlib
+    import sys
+
+    from protectors.identity import plugin_identity
+
+    pkg = tmp_path / "demo_plugin_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("class Demo:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = plugin_identity(importlib.import_module("demo_plugin_pkg").Demo)
+    (pkg / "__init__.py").write_text("class Demo:\n    x = 1  # edited\n")
+    del sys.modules["demo_plugin_pkg"]
+    plugin_identity.cache_clear()
+    second = plugin_identity(importlib.import_module("demo_plugin_pkg").Demo)
+    assert first["module"] == second["module"] == "demo_plugin_pkg"
+    assert first["code"] != second["code"]
+    from bench.config import PluginSpec
+    from bench.runner import Runner
+
+    key = Runner.plugin_key(PluginSpec("edgepro", {}, "edgepro"))
+    assert key["plugin"]["distribution"] == "edgepro-bench" and len(key["plugin"]["code"]) == 16
