@@ -11,6 +11,7 @@ and then read them. A worker that dies mid-cell loses only that cell; the schedu
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 from protectors.errors import ConfigError
@@ -44,6 +45,15 @@ def run_cell(spec_key: str, spec: dict[str, Any], kind: str, exp, cell: dict[str
     if runner.store.has(cell):  # a rerun after a lost worker may find it done
         return runner.store.path(cell).name
     return runner.run_cell(kind, exp, cell)
+
+
+def interleave(todo: list[tuple[str, Any, dict[str, Any]]]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """Cells round-robin over workbenches (dataset, model, training seed): workers start on different trainings
+    instead of all waiting for the first one's models, while each workbench's cells keep their order."""
+    groups: dict[tuple, list] = {}
+    for item in todo:
+        groups.setdefault((item[1], item[2]["seed"]), []).append(item)
+    return [item for row in itertools.zip_longest(*groups.values()) for item in row if item is not None]
 
 
 class DaskExecutor:
@@ -80,10 +90,9 @@ class DaskExecutor:
         client, cluster = self._client()
         spec_key = config_hash({k: v for k, v in runner.spec.items() if k != "cfg"} | {"cfg": repr(runner.spec["cfg"])})
         try:
-            # Cells of one workbench go in a row, so a worker mostly reuses the data it loaded.
             futures = [client.submit(run_cell, spec_key, runner.spec, kind, exp, cell, retries=RETRIES,
                                      key=f"cell-{runner.store.key(cell)}", pure=False)
-                       for kind, exp, cell in todo]
+                       for kind, exp, cell in interleave(todo)]
             for fut in as_completed(futures):
                 fut.result()  # re-raises a cell's error here (BenchError: one line, exit 2)
                 on_done()
