@@ -77,19 +77,27 @@ def test_killed_run_resumes_without_redoing_finished_cells(cfg, tmp_path, monkey
     assert not list((out / "records").glob(".*.tmp"))  # no half-written record
 
 
-def test_finetune_lr_reaches_the_scratch_baseline(tmp_path):
+def test_finetune_lr_reaches_the_scratch_baseline(tmp_path, monkeypatch):
     """A fine-tuning attack with its own lr is compared with scratch training at that lr (and cached apart)."""
+    from bench.training import Trainer
+
     p = tmp_path / "lr.toml"
     p.write_text(CFG.replace('name = "guess-random"\nguesses = 3', 'name = "finetune"\nlabel = "ft-lr"\n'
                                                                    'fractions = [0.05]\nepochs = 2\nlr = 0.2'))
+    seen = []
+    real_fit = Trainer.fit
+
+    def spy(self, model, loader, epochs=None, step=None, desc="train", lr=None):
+        seen.append((desc, epochs, lr))
+        return real_fit(self, model, loader, epochs=epochs, step=step, desc=desc, lr=lr)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
     out = tmp_path / "run"
-    Runner(config.load(str(p)), out, cache_dir=tmp_path / "cache", progress=False, profile=False,
-           ).run()
-    recs = [r for r in results(out) if r["cell"]["kind"] == "attack" and r["cell"]["label"] == "aes"
-            and r["cell"]["param"] == "f=0.05"]
-    by_label = {r["cell"]["attack_label"]: r["result"] for r in recs}
-    assert set(by_label) == {"finetune", "ft-lr"}
-    # AES's stolen copy is random weights: fine-tuning it *is* scratch training, so equal only at the same lr.
-    for r in by_label.values():
+    Runner(config.load(str(p)), out, cache_dir=tmp_path / "cache", progress=False, profile=False).run()
+    recs = {r["cell"]["attack_label"]: r["result"] for r in results(out) if r["cell"]["kind"] == "attack"
+            and r["cell"]["label"] == "aes" and r["cell"]["param"] == "f=0.05"}
+    assert set(recs) == {"finetune", "ft-lr"}
+    # AES's stolen copy is random weights: fine-tuning it *is* scratch training at the same lr, seed and data.
+    for r in recs.values():
         assert r["stolen_acc_after"] == r["scratch_acc"]
-    assert by_label["finetune"]["scratch_acc"] != by_label["ft-lr"]["scratch_acc"]
+    assert ("scratch", 2, 0.2) in seen and ("scratch", 2, None) in seen  # the baseline trained at both lrs
