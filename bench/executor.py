@@ -18,6 +18,8 @@ from protectors.errors import ConfigError
 
 #: times the scheduler reruns a cell whose worker died or raised (a bad input raises on every try)
 RETRIES = 2
+#: workbenches (data and models of one training) a worker keeps: cells of several trainings reach it interleaved
+WORKER_BENCHES = 4
 
 
 _RUNNERS: dict[str, Any] = {}
@@ -36,6 +38,7 @@ def _runner(spec_key: str, spec: dict[str, Any]):
         _RUNNERS[spec_key] = Runner(spec["cfg"], spec["out"], data_root=spec["data_root"], download=spec["download"],
                                     key_file=spec["key_file"], key_format=spec["key_format"],
                                     cache_dir=spec["cache_dir"], progress=False, profile=False)
+        _RUNNERS[spec_key].bench_slots = WORKER_BENCHES
     return _RUNNERS[spec_key]
 
 

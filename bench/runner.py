@@ -177,6 +177,9 @@ class Runner:
         self.cache = Cache(root, self.key)
         self.store = RecordStore(self.out)
         self._benches: dict[tuple, Workbench] = {}
+        #: workbenches kept in memory (1 serially, where cells come in workbench order; more on a Dask worker,
+        #: which gets cells of several trainings interleaved)
+        self.bench_slots = 1
 
     @staticmethod
     def plugin_key(spec: PluginSpec, registry=None) -> dict[str, Any]:
@@ -231,13 +234,15 @@ class Runner:
         return {"cells": len(cells), "ran": len(todo), "profiled": profiled}
 
     def run_cell(self, kind: str, exp: Experiment, cell: dict[str, Any]) -> str:
-        """Compute one cell and write its record; returns the record's name. Cells of one workbench in a row
-        share its data and models (one dataset in memory at a time)."""
+        """Compute one cell and write its record; returns the record's name. Cells of a workbench share its data
+        and models while it is kept (``bench_slots``)."""
         wb_key = (exp, cell["seed"])
         if wb_key not in self._benches:
-            self._benches.clear()
+            while len(self._benches) >= self.bench_slots:  # least recently used out
+                self._benches.pop(next(iter(self._benches)))
             self._benches[wb_key] = Workbench(self, exp, cell["seed"])
-        wb = self._benches[wb_key]
+        wb = self._benches.pop(wb_key)
+        self._benches[wb_key] = wb
         spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
         if kind == "effectiveness":
             result = self.effectiveness(wb, spec)
