@@ -364,31 +364,15 @@ class _CorrectionInputs(nn.Module):
                 tee.external = None
 
 
-@torch.no_grad()
 def _input_kept(model: nn.Module, pruned: Pruned, names: list[str]) -> dict[str, list[int]]:
     """Per conv, the original indices of its surviving input channels: those of the last pruned module, run before
-    it, whose output has the conv's input width (one forward pass on ``pruned.example``)."""
-    order: list[tuple[str, int]] = []
-    found: dict[str, list[int]] = {}
-
-    def ran(name: str, out: torch.Tensor) -> None:  # a hook that returns a value would replace the output
-        order.append((name, out.shape[1]))
-
-    def starts(name: str, x: torch.Tensor) -> None:
-        src = next((n for n, width in reversed(order) if width == x.shape[1]), None)
-        if src is not None and len(pruned.kept[src]) == x.shape[1]:
-            found.setdefault(name, list(pruned.kept[src]))
-
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran(n, o))
-             for n, m in model.named_modules() if n in pruned.kept]
-    hooks += [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: starts(n, i[0])) for n in names]
-    was = model.training
-    try:
-        model.eval()(pruned.example)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    it, whose kept channels are the conv's input width."""
+    feeders, widths = pruned.feeders(model, names)
+    found = {}
+    for name, sources in feeders.items():
+        kept = next((pruned.kept[s] for s in sources if len(pruned.kept[s]) == widths[name]), None)
+        if kept is not None:
+            found[name] = list(kept)
     return found
 
 

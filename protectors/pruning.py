@@ -52,3 +52,30 @@ class Pruned:
             if source is not None and len(self.kept[source]) == width:
                 out[s] = list(self.kept[source])
         return out
+
+    @torch.no_grad()
+    def feeders(self, model: nn.Module, names: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """Per named module of the (pruned) ``model``: the pruned modules that ran before its input, most recent
+        first, and its input width (one forward pass on ``example``). A protector maps a layer's input channels
+        back to their original indices through the first feeder whose kept channels explain the width."""
+        order: list[str] = []
+        before: dict[str, tuple[int, int]] = {}
+
+        def starts(name: str, x: torch.Tensor) -> None:  # a hook that returns a value would replace the input
+            before.setdefault(name, (len(order), x.shape[1]))
+
+        modules = dict(model.named_modules())
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n: order.append(n))
+                 for n, m in modules.items() if n in self.kept]
+        hooks += [modules[n].register_forward_pre_hook(lambda m, i, n=n: starts(n, i[0])) for n in names
+                  if n in modules]
+        was = model.training
+        model.eval()
+        try:
+            model(self.example.to(next(model.parameters()).device))
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        return ({n: list(reversed(order[:k])) for n, (k, _) in before.items()},
+                {n: w for n, (_, w) in before.items()})

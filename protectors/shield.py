@@ -223,30 +223,10 @@ def restore(model: nn.Module, secret: Secret, what: str) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def _feeders(model: nn.Module, pruned: Pruned, names: list[str]) -> dict[str, list[list[int]]]:
-    """Per module, the kept output channels of every pruned module that runs before it, the most recent first
-    (one forward pass on ``pruned.example``)."""
-    order: list[str] = []
-    before: dict[str, int] = {}
-
-    def ran(name: str) -> None:  # a hook returning a value would replace the module's input or output
-        order.append(name)
-
-    def starts(name: str) -> None:
-        before.setdefault(name, len(order))
-
-    modules = dict(model.named_modules())
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran(n)) for n, m in modules.items() if n in pruned.kept]
-    hooks += [modules[n].register_forward_pre_hook(lambda m, i, n=n: starts(n)) for n in names if n in modules]
-    was = model.training
-    try:
-        model.eval()(pruned.example.to(next(model.parameters()).device))
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    return {n: [pruned.kept[m] for m in reversed(order[:k])] for n, k in before.items()}
+    """Per module, the kept output channels of every pruned module that runs before it, the most recent first."""
+    feeders, _ = pruned.feeders(model, names)
+    return {n: [pruned.kept[m] for m in sources] for n, sources in feeders.items()}
 
 
 def _input_map(old: int, new: int, feeders: list[list[int]]) -> list[int] | None:

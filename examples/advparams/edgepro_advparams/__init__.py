@@ -183,29 +183,11 @@ def subtract(model: nn.Module, secret: Secret) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def _input_kept(model: nn.Module, pruned: Pruned, names: list[str]) -> dict[str, list[int]]:
     """Per layer, the surviving original indices of its input channels: those of the last pruned module that runs
-    before it (found by one forward pass on ``pruned.example``)."""
-    order: list[str] = []
-    before: dict[str, int] = {}
-
-    def ran(name: str) -> None:  # a hook that returns a value would replace the module's input or output
-        order.append(name)
-
-    def starts(name: str) -> None:
-        before.setdefault(name, len(order))
-
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran(n)) for n, m in model.named_modules() if n in pruned.kept]
-    hooks += [model.get_submodule(n).register_forward_pre_hook(lambda m, i, n=n: starts(n)) for n in names]
-    was = model.training
-    try:
-        model.eval()(pruned.example)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    return {n: pruned.kept[order[k - 1]] for n, k in before.items() if k > 0}
+    before it (``Pruned.feeders``: one forward pass on ``pruned.example``)."""
+    feeders, _ = pruned.feeders(model, names)
+    return {n: pruned.kept[sources[0]] for n, sources in feeders.items() if sources}
 
 
 def remap(model: nn.Module, secret: Secret, pruned: Pruned) -> Secret:
