@@ -62,6 +62,20 @@ def public_param(loot: Loot, given: float | None, name: str, default: float) -> 
     return float(value) if isinstance(value, (int, float)) else default
 
 
+def stats_sample(ctx: ThiefContext, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed stratified test sample every guess is scored on for the per-guess statistics."""
+    tx, ty = ctx.test_x, ctx.test_y
+    if len(tx) > samples:
+        tx, ty = stratified_subset(tx, ty, samples / len(ty), ctx.seed)
+    return tx, ty
+
+
+def guess_stats(test_accs: np.ndarray, samples: int) -> dict:
+    """The per-guess statistics the guessing table reports (best, median, every guess's accuracy)."""
+    return {"best_test_acc": float(test_accs.max()), "median_test_acc": float(np.median(test_accs)),
+            "guesses": len(test_accs), "test_accs": test_accs.round(4).tolist(), "stats_samples": samples}
+
+
 class _GuessAttack(Attack):
     Params = GuessParams
     secret_kinds = ("neuron-mask",)
@@ -81,9 +95,7 @@ class _GuessAttack(Attack):
         rng = np.random.default_rng(stream_seed(ctx.seed, "thief/guesses"))
         model = copy.deepcopy(stolen)
         sites = lock.install(model, ctx.lock_sites)
-        tx, ty = ctx.test_x, ctx.test_y
-        if len(tx) > p.stats_samples:
-            tx, ty = stratified_subset(tx, ty, p.stats_samples / len(ty), ctx.seed)
+        tx, ty = stats_sample(ctx, p.stats_samples)
         scores = []
         gamma, pool = public_param(loot, p.gamma, "gamma", 0.1), public_param(loot, p.pool, "pool", 0.3)
         for neurons in self.draw(stolen, ctx, x, widths, rng, gamma, pool):
@@ -95,8 +107,7 @@ class _GuessAttack(Attack):
         test_accs = np.array([s[1] for s in scores])
         best = max(scores, key=lambda s: s[0])
         best_model = apply_password(copy.deepcopy(stolen), best[2])
-        extra = {"best_test_acc": float(test_accs.max()), "median_test_acc": float(np.median(test_accs)),
-                 "guesses": len(scores), "test_accs": test_accs.round(4).tolist(), "stats_samples": len(tx)}
+        extra = guess_stats(test_accs, len(tx))
         return Outcome(cell, best_model, (p.fraction, p.scratch_epochs), extra=extra,
                        guess=best[2])
 

@@ -30,11 +30,11 @@ from torch import nn
 
 from protectors import lock
 from protectors.hpnn import SignKey, apply_key, draw_key
-from protectors.sampling import stratified_subset
 from protectors.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
+from .guess import guess_stats, stats_sample
 from .registry_instance import attacks
 
 #: evaluation batch for scoring keys on the thief's data
@@ -151,9 +151,7 @@ class KeyGuessRandom(Attack):
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params
         dev, stolen, model, x, y, widths, k = _setup(loot, ctx, p.fraction, p.key_bits)
-        tx, ty = ctx.test_x, ctx.test_y
-        if len(tx) > p.stats_samples:
-            tx, ty = stratified_subset(tx, ty, p.stats_samples / len(ty), ctx.seed)
+        tx, ty = stats_sample(ctx, p.stats_samples)
         x, y, tx, ty = x.to(dev), y.to(dev), tx.to(dev), ty.to(dev)
         rng = np.random.default_rng(stream_seed(ctx.seed, "thief/key-guesses"))
         signs = _Signs(model, {s: torch.ones(w, device=dev) for s, w in widths.items()})
@@ -166,8 +164,7 @@ class KeyGuessRandom(Attack):
         signs.remove()
         test_accs = np.array([s[2] for s in scores])
         best = max(scores, key=lambda s: (s[0], s[1]))
-        extra = {"key_bits": k, "best_test_acc": float(test_accs.max()), "median_test_acc": float(np.median(test_accs)),
-                 "guesses": len(scores), "test_accs": test_accs.round(4).tolist(), "stats_samples": len(tx)}
+        extra = {"key_bits": k, **guess_stats(test_accs, len(tx))}
         return Outcome(cell, _result(stolen, best[3]), (p.fraction, p.scratch_epochs), extra=extra, guess=best[3])
 
 
