@@ -62,6 +62,8 @@ class Experiment:
     model: str
     train: TrainConfig
     train_subset: int | None = None
+    #: the training regime's label when ``[train]`` sweeps (``weight_decay=0,epochs=40``); "" otherwise
+    regime: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
     train_raw = raw.get("train", {})
     if not isinstance(train_raw, dict):
         raise ConfigError(f"{src}: 'train' must be a table")
-    train = build_params(TrainConfig, train_raw, f"{src}: train")
+    regimes = _regimes(f"{src}: train", train_raw)
     subset = raw.get("train_subset")
     if subset is not None and (not isinstance(subset, int) or subset < 1):
         raise ConfigError(f"{src}: train_subset: must be a positive integer, got {subset!r}")
@@ -195,7 +197,8 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
                 registry.get(n)
             except ConfigError as exc:
                 raise ConfigError(f"{src}: profile.{key}[{i}]: {exc}") from None
-    experiments = [Experiment(d, m, train, subset) for d in names["datasets"] for m in names["models"]]
+    experiments = [Experiment(d, m, train, subset, regime)
+                   for d in names["datasets"] for m in names["models"] for train, regime in regimes]
     if "experiments" in raw:
         experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
@@ -230,11 +233,26 @@ def _experiments(src: str, entries: Any, train_raw: dict, subset: int | None, da
         over = e.get("train", {})
         if not isinstance(over, dict):
             raise ConfigError(f"{where}.train: must be a table")
-        train = build_params(TrainConfig, {**train_raw, **over}, f"{where}.train")
+        regimes = _regimes(f"{where}.train", {**train_raw, **over})
         sub = e.get("train_subset", subset)
         if sub is not None and (not isinstance(sub, int) or sub < 1):
             raise ConfigError(f"{where}.train_subset: must be a positive integer, got {sub!r}")
-        out.append(Experiment(e["dataset"], e["model"], train, sub))
+        out.extend(Experiment(e["dataset"], e["model"], train, sub, regime) for train, regime in regimes)
+    return out
+
+
+def _regimes(where: str, train_raw: dict) -> list[tuple[TrainConfig, str]]:
+    """A ``[train]`` table as training regimes: one, or with ``sweep = {weight_decay = [0, 5e-4], ...}`` one per
+    combination (Cartesian), each with its label (``weight_decay=0,epochs=40``)."""
+    params = {k: v for k, v in train_raw.items() if k != "sweep"}
+    sweep = train_raw.get("sweep", {})
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{where}.sweep: must map training options to non-empty lists")
+    combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
+    out = []
+    for combo in combos:
+        label = ",".join(f"{k}={_fmt(v)}" for k, v in combo.items())
+        out.append((build_params(TrainConfig, {**params, **combo}, f"{where}.sweep" if combo else where), label))
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import tables  # noqa: E402
+from .records import model_label  # noqa: E402
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -83,7 +84,7 @@ def guessing(records: list[dict], stem: Path) -> list[Path]:
         c, res = r["cell"], r["result"]
         accs = (res.get("extra") or {}).get("test_accs") if c.get("kind") == "attack" else None
         if accs:
-            curves.setdefault((c["dataset"], c["model"], c["label"], c["attack_label"]), []).append(
+            curves.setdefault((c["dataset"], model_label(c), c["label"], c["attack_label"]), []).append(
                 np.maximum.accumulate(np.asarray(accs)))
     if not curves:
         return []

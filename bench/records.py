@@ -22,6 +22,11 @@ CELL_FIELDS = {"effectiveness": ("dataset", "model", "label"),
                "profile": ("model", "protector", "mode", "target")}
 
 
+def model_label(cell: dict[str, Any]) -> str:
+    """The model column of the tables: the model, and its training regime when the config sweeps ``[train]``."""
+    return cell["model"] + (f"[{cell['regime']}]" if cell.get("regime") else "")
+
+
 def check_record(rec: Any) -> None:
     """Raise ``ValueError`` naming the first field of ``rec`` the report could not use.
 
@@ -38,6 +43,8 @@ def check_record(rec: Any) -> None:
     if missing:
         raise ValueError(f"cell of kind {kind!r} needs string fields {', '.join(CELL_FIELDS[kind])}; "
                          f"missing or not a string: {', '.join(missing)}")
+    if not isinstance(cell.get("regime", ""), str):
+        raise ValueError("cell.regime must be a string")
     if not isinstance(result, dict):
         raise ValueError(f"'result' must be an object, got {type(result).__name__}")
     extra = result.get("extra")

@@ -196,6 +196,8 @@ class Runner:
             for seed in cfg.seeds:
                 base = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
                         "train_subset": exp.train_subset}
+                if exp.regime:  # only when [train] sweeps, so the cells of other configs keep their hashes
+                    base["regime"] = exp.regime
                 for p in cfg.protectors:
                     pkey = self.plugin_key(p)
                     yield "effectiveness", exp, {"kind": "effectiveness", **base, "protector": pkey, "label": p.label}

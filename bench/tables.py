@@ -8,6 +8,7 @@ all), so the spread shown is the spread between trainings, not between attack re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from protectors.atomic import atomic_write_text
+
+from .records import model_label
 
 EFFECTIVENESS = ["dataset", "model", "protector", "clean_acc", "auth_acc", "acc_loss", "stolen_acc", "secret_bytes",
                  "artifact_bytes", "keyspace_bits"]
@@ -58,7 +61,7 @@ def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
 
 
 def effectiveness(records: list[dict]) -> pd.DataFrame:
-    rows = [{"dataset": r["cell"]["dataset"], "model": r["cell"]["model"], "protector": r["cell"]["label"],
+    rows = [{"dataset": r["cell"]["dataset"], "model": model_label(r["cell"]), "protector": r["cell"]["label"],
              "seed": r["cell"].get("seed", 0), **{k: r["result"].get(k) for k in EFFECTIVENESS[3:]}}
             for r in records if r["cell"].get("kind") == "effectiveness"]
     return _aggregate(rows, EFFECTIVENESS[:3], EFFECTIVENESS[3:])
@@ -71,7 +74,7 @@ def attacks(records: list[dict]) -> pd.DataFrame:
         if c.get("kind") != "attack":
             continue
         extra = res.get("extra") or {}
-        rows.append({"dataset": c["dataset"], "model": c["model"], "protector": c["label"],
+        rows.append({"dataset": c["dataset"], "model": model_label(c), "protector": c["label"],
                      "attack": c["attack_label"], "param": c["param"], "seed": c.get("seed", 0),
                      **{k: res.get(k) for k in ATTACKS[5:]},
                      **{k: v for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -147,10 +150,12 @@ WHOLE = {"secret_bytes", "artifact_bytes", "n", "n_runs", "throughput_ips", "n_p
 
 
 def _rank(value: Any) -> tuple:
-    """Built-in protectors first in a fixed order, then everything else in natural order."""
+    """Built-in protectors first in a fixed order, then everything else in natural order (numbers by value)."""
     text = str(value)
     base = text.split("[")[0]
-    return (BUILTIN_ORDER.index(base) if base in BUILTIN_ORDER else len(BUILTIN_ORDER), text)
+    natural = tuple((0, float(part), "") if i % 2 else (1, 0.0, part)
+                    for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", text)))
+    return (BUILTIN_ORDER.index(base) if base in BUILTIN_ORDER else len(BUILTIN_ORDER), natural)
 
 
 def _fmt(v: Any, std: Any = None, digits: int = 3, column: str = "") -> str:

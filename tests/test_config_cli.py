@@ -37,6 +37,9 @@ def write(tmp_path, text, name="c.toml"):
      r"c.toml: protectors\[0\] \(edgepro\): parameter 'gamma' must be in \(0, 1\]"),
     ('datasets = ["digits"]\n[[protectors]]\nname = "aes2"', r"protectors\[0\].name: unknown protector 'aes2'"),
     ('datasets = [', r"c.toml: not valid TOML"),
+    ('datasets = ["digits"]\n[train]\nsweep = {wd = [0.0]}', r"c.toml: train.sweep: unknown parameter 'wd'"),
+    ('datasets = ["digits"]\n[train]\nsweep = {epochs = []}', r"c.toml: train.sweep: must map training options"),
+    ('datasets = ["digits"]\n[train]\nsweep = {epochs = [0]}', r"c.toml: train.sweep: 'epochs' .* must be >= 1"),
 ])
 def test_config_errors_name_file_and_field(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -49,8 +52,19 @@ def test_sweep_expands_with_labels(tmp_path):
     assert cfg.protectors[2].params == {"gamma": 0.3}
 
 
+def test_train_sweep_expands_training_regimes(tmp_path):
+    cfg = config.load(str(write(tmp_path, TINY.replace("epochs = 2", "epochs = 2\nweight_decay = 0.01\n"
+                                                       "sweep = {weight_decay = [0.0, 5e-4], epochs = [3, 5]}"))))
+    assert [(e.regime, e.train.weight_decay, e.train.epochs) for e in cfg.experiments] == [
+        ("weight_decay=0.0,epochs=3", 0.0, 3), ("weight_decay=0.0,epochs=5", 0.0, 5),
+        ("weight_decay=0.0005,epochs=3", 5e-4, 3), ("weight_decay=0.0005,epochs=5", 5e-4, 5)]
+    assert {e.dataset for e in cfg.experiments} == {"digits"}
+    # Without a sweep there is one regime and no label, so other configs' cells keep their hashes.
+    assert [e.regime for e in config.load(str(write(tmp_path, TINY))).experiments] == [""]
+
+
 def test_shipped_configs_validate():
-    for name in ("quick", "fashion", "paper", "overhead", "sweep"):
+    for name in ("quick", "fashion", "paper", "overhead", "sweep", "regime"):
         assert config.load(name).name == name
 
 

@@ -101,3 +101,20 @@ def test_finetune_lr_reaches_the_scratch_baseline(tmp_path, monkeypatch):
     for r in recs.values():
         assert r["stolen_acc_after"] == r["scratch_acc"]
     assert ("scratch", 2, 0.2) in seen and ("scratch", 2, None) in seen  # the baseline trained at both lrs
+
+
+def test_training_regimes_are_rows_of_their_own(tmp_path):
+    """A [train] sweep trains one model per regime and labels the model column, so regimes never average together."""
+    from bench import tables
+
+    p = tmp_path / "regime.toml"
+    p.write_text('name = "r"\ndatasets = ["digits"]\nseeds = [0]\n[train]\nepochs = 1\n'
+                 'sweep = {weight_decay = [0.0, 0.05]}\n[[protectors]]\nname = "none"\n')
+    out = tmp_path / "run"
+    Runner(config.load(str(p)), out, cache_dir=tmp_path / "cache", progress=False, profile=False).run()
+    recs = results(out)
+    assert sorted(r["cell"]["regime"] for r in recs) == ["weight_decay=0.0", "weight_decay=0.05"]
+    eff = tables.effectiveness(recs)
+    assert list(eff["model"]) == ["lenet5[weight_decay=0.0]", "lenet5[weight_decay=0.05]"]
+    assert list(eff["n"]) == [1, 1]
+    assert eff["clean_acc"].iloc[0] != eff["clean_acc"].iloc[1]  # two trainings, not one cached model
