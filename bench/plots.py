@@ -51,9 +51,11 @@ def pruning(att: pd.DataFrame, stem: Path) -> list[Path]:
                 if h["auth_acc_after"].notna().any() and prot != "none":
                     ax.plot(h["ratio"], h["auth_acc_after"], style, marker="x", color=line.get_color(), alpha=0.5,
                             label=f"{prot} authorized{' +ft' if ft else ''}")
-            ax.set(title=f"{ds} / {model}: {attack}", xlabel="pruning ratio", ylabel="test accuracy", ylim=(0, 1))
+            ax.set(xlabel="pruning ratio", ylabel="test accuracy", ylim=(0, 1))
+            ax.set_title(f"{ds} / {model}: {attack}", fontsize=10 if len(f"{ds}{model}{attack}") < 48 else 8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, stem)
 
 
