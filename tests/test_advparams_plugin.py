@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attacks
 import protectors
@@ -72,7 +73,11 @@ def test_third_party_loss_rule_restores_exactly_but_stops_after_one_weight(clean
         torch.testing.assert_close(p.deploy(art, key, lenet_factory)(x), clean_lenet(x), atol=1e-5, rtol=0)
     # Honest, not a goal: 5× a near-zero starting loss is reached after the first moved weight (see module doc).
     assert art.meta["perturbed_weights"] >= 1
-    assert acc(trainer, p.stolen(art, lenet_factory), digits) <= acc(trainer, clean_lenet, digits)
+    # What the rule guarantees is the loss on its own data D_e, not test accuracy (one moved weight may even help it).
+    with torch.no_grad():
+        loss = {name: float(F.cross_entropy(m(ctx.calib_x), ctx.calib_y))
+                for name, m in (("clean", clean_lenet), ("stolen", p.stolen(art, lenet_factory)))}
+    assert loss["stolen"] > 5.0 * loss["clean"]
 
 
 def test_full_budget_authorized_equals_clean_and_stolen_collapses(full, clean_lenet, key, other_key, lenet_factory,
