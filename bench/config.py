@@ -111,6 +111,15 @@ def _fmt(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
+def _sweep(where: str, sweep: Any, what: str) -> list[tuple[dict[str, Any], str]]:
+    """A ``sweep`` table as its combinations (the Cartesian product; one empty combination without a sweep), each
+    with its label (``gamma=0.1,scale=2.0``)."""
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ConfigError(f"{where}: must map {what} to non-empty lists")
+    combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
+    return [(c, ",".join(f"{k}={_fmt(v)}" for k, v in c.items())) for c in combos]
+
+
 def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | None = None) -> list[PluginSpec]:
     """``[[section]]`` entries as plugin settings; ``empty_hint`` (the fix to suggest) makes an empty list an error."""
     if not isinstance(entries, list):
@@ -129,11 +138,7 @@ def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | N
         except ConfigError as exc:
             raise ConfigError(f"{src}: {section}[{i}].name: {exc}") from None
         params = {k: v for k, v in entry.items() if k not in ("name", "label", "sweep")}
-        sweep = entry.get("sweep", {})
-        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-            raise ConfigError(f"{where}.sweep: must map parameter names to non-empty lists")
-        combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
-        for combo in combos:
+        for combo, combo_label in _sweep(f"{where}.sweep", entry.get("sweep", {}), "parameter names"):
             merged = {**params, **combo}
             try:
                 cls(**merged)
@@ -141,7 +146,7 @@ def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | N
                 raise ConfigError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
             label = entry.get("label") or name
             if combo:
-                label += "[" + ",".join(f"{k}={_fmt(v)}" for k, v in combo.items()) + "]"
+                label += f"[{combo_label}]"
             out.append(PluginSpec(name, merged, label))
     labels = [p.label for p in out]
     dup = next((lab for lab in labels if labels.count(lab) > 1), None)
@@ -245,15 +250,8 @@ def _regimes(where: str, train_raw: dict) -> list[tuple[TrainConfig, str]]:
     """A ``[train]`` table as training regimes: one, or with ``sweep = {weight_decay = [0, 5e-4], ...}`` one per
     combination (Cartesian), each with its label (``weight_decay=0,epochs=40``)."""
     params = {k: v for k, v in train_raw.items() if k != "sweep"}
-    sweep = train_raw.get("sweep", {})
-    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise ConfigError(f"{where}.sweep: must map training options to non-empty lists")
-    combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
-    out = []
-    for combo in combos:
-        label = ",".join(f"{k}={_fmt(v)}" for k, v in combo.items())
-        out.append((build_params(TrainConfig, {**params, **combo}, f"{where}.sweep" if combo else where), label))
-    return out
+    return [(build_params(TrainConfig, {**params, **combo}, f"{where}.sweep" if combo else where), label)
+            for combo, label in _sweep(f"{where}.sweep", train_raw.get("sweep", {}), "training options")]
 
 
 def resolve(name_or_path: str) -> Path:
