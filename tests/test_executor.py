@@ -61,3 +61,46 @@ def test_executor_arguments_are_checked():
         DaskExecutor()
     with pytest.raises(ConfigError, match="--workers: must be >= 1"):
         DaskExecutor(workers=0)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_cell_loses_only_that_cell(tmp_path):
+    """SIGKILL a worker while it computes a cell: its nanny starts a fresh process, the scheduler runs the lost cell
+    again, and the run ends with every record, equal to the serial run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from dask.distributed import Client, LocalCluster
+
+    path = tmp_path / "t.toml"
+    path.write_text(CFG)
+    cfg = config.load(str(path))
+    key = tmp_path / "k.key"
+    key.write_text(bytes(range(32)).hex())
+    key.chmod(0o600)
+    Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
+           profile=False).run()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=50) as cluster, Client(cluster) as client:
+        runner = Runner(cfg, tmp_path / "dask", key_file=str(key), cache_dir=tmp_path / "c2", progress=False,
+                        profile=False)
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(runner.run(DaskExecutor(
+            scheduler=cluster.scheduler_address))))
+        thread.start()
+        killed = None
+        deadline = time.monotonic() + 120
+        while killed is None and time.monotonic() < deadline and thread.is_alive():
+            busy = {w: tasks for w, tasks in client.processing().items() if any("cell-" in t for t in tasks)}
+            if busy:
+                worker = next(iter(busy))
+                pid = client.run(os.getpid, workers=[worker])[worker]
+                os.kill(pid, signal.SIGKILL)
+                killed = worker
+            time.sleep(0.05)
+        thread.join(timeout=300)
+    assert killed is not None, "no worker was ever seen computing a cell"
+    assert outcome["ran"] == outcome["cells"] == 6
+    assert results(tmp_path / "dask") == results(tmp_path / "serial")
