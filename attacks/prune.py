@@ -1,7 +1,8 @@
 """Magnitude pruning of the stolen copy, with and without a short fine-tune.
 
 - ``prune-unstructured``: global L1 magnitude pruning of every conv/linear weight (``torch.nn.utils.prune``), made
-  permanent.
+  permanent. Weights that are zero already count among the smallest: on a copy with zeroed secret weights
+  (``shield`` ``magnitude``) a low ratio may prune nothing new, and the record says so (``zero_weights_before``).
 - ``prune-channel``: structured L1 channel pruning with Torch-Pruning (the classifier is kept). Torch-Pruning
   silently prunes nothing when parameters are frozen, so the parameter count is checked to have dropped. The
   surviving output channels of every pruned module are reported (:class:`~protectors.pruning.Pruned`), so a
@@ -77,13 +78,18 @@ class PruneUnstructured(_PruneAttack):
     def prune(self, model, ratio, example):
         before = count_nonzero(model)
         layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        total = sum(m.weight.numel() for m, _ in layers)
+        zeros_before = sum(int((m.weight == 0).sum()) for m, _ in layers)
         tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=ratio)
         for m, name in layers:
             tprune.remove(m, name)
-        after = count_nonzero(model)
-        if after >= before:
-            raise RuntimeError(f"{self.name}: nothing was pruned at ratio {ratio}")
-        return {"nonzero_before": before, "nonzero_after": after}, None
+        zeros = sum(int((m.weight == 0).sum()) for m, _ in layers)
+        # The smallest weights may be zeros already (a copy whose secret weights were zeroed): then pruning removes
+        # fewer than `ratio` new ones, or none. What must hold is that `ratio` of the weights are zero now.
+        if zeros < round(ratio * total):
+            raise RuntimeError(f"{self.name}: only {zeros} of {total} weights are zero after pruning at ratio {ratio}")
+        return {"nonzero_before": before, "nonzero_after": count_nonzero(model), "zero_weights_before": zeros_before,
+                "zero_weights_after": zeros}, None
 
 
 @attacks.register()

@@ -81,6 +81,9 @@ def _run(args: argparse.Namespace) -> int:
                     key_format=args.key_format, cache_dir=args.cache_dir, progress=not args.no_progress,
                     profile=not args.no_profile)
     summary = runner.run(executor)
+    if summary.get("superseded"):
+        print(f"{out / 'records'}: {summary['superseded']} records made by an older version of a plugin's code were "
+              f"recomputed; the old ones are in records/superseded/")
     print(f"{cfg.name}: {summary['ran']} of {summary['cells']} cells ran (the rest were already recorded); "
           f"report in {out / 'REPORT.md'}")
     return 0

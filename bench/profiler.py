@@ -274,16 +274,18 @@ def run_target(runner, model_name: str, target_name: str, variants: dict[str, di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_config(runner) -> int:
-    """Profile the config's models × protector settings × modes × targets; write one record per cell."""
+def profile_cells(runner) -> list[dict[str, Any]]:
+    """The config's latency cells: models × protector settings × modes × targets."""
     prof = runner.cfg.profile
-    cells = []
-    for model_name in prof.models:
-        for target_name in prof.targets:
-            for label, spec, mode in _variants(runner):
-                cells.append({"kind": "profile", "model": model_name, "protector": label,
-                              "plugin": runner.plugin_key(spec), "mode": mode, "target": target_name,
-                              "profile": asdict(prof)})
+    return [{"kind": "profile", "model": model_name, "protector": label, "plugin": runner.plugin_key(spec),
+             "mode": mode, "target": target_name, "profile": asdict(prof)}
+            for model_name in prof.models for target_name in prof.targets for label, spec, mode in _variants(runner)]
+
+
+def run_config(runner) -> int:
+    """Profile the config's latency cells; write one record per cell."""
+    prof = runner.cfg.profile
+    cells = profile_cells(runner)
     todo = [c for c in cells if not runner.store.has(c)]
     if not todo:
         return 0

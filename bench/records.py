@@ -7,6 +7,7 @@ a restarted run skips every cell whose record exists.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from .provenance import provenance
 CELL_FIELDS = {"effectiveness": ("dataset", "model", "label"),
                "attack": ("dataset", "model", "label", "attack_label", "param"),
                "profile": ("model", "protector", "mode", "target")}
+
+
+#: where :meth:`RecordStore.retire_superseded` moves records of older plugin code (the report does not read it)
+SUPERSEDED = "superseded"
+
+
+def _without_code(cell: Any) -> Any:
+    """A cell without its plugins' identities (module, version, code digest): what it computes, not with what."""
+    if isinstance(cell, dict):
+        return {k: _without_code(v) for k, v in cell.items() if k != "plugin"}
+    return cell
 
 
 def model_label(cell: dict[str, Any]) -> str:
@@ -76,6 +88,28 @@ class RecordStore:
         path = self.path(cell)
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=float) + "\n")
         return path
+
+    def retire_superseded(self, cells: list[dict[str, Any]]) -> int:
+        """Move aside the records that ``cells`` recompute: the same cell (protector, attack, parameters, seeds) made
+        by another version of a plugin's code, so the tables count each cell once. They go to ``records/superseded/``
+        (kept, not deleted; the report does not read them). Returns how many were moved."""
+        if not self.dir.is_dir():
+            return 0
+        current = {self.key(c) for c in cells}
+        same = {config_hash(_without_code(c)) for c in cells}
+        moved = 0
+        for path in sorted(self.dir.glob("*.json")):
+            if path.stem in current:
+                continue
+            try:
+                cell = json.loads(path.read_text()).get("cell")
+            except (ValueError, UnicodeDecodeError, OSError, AttributeError):
+                continue  # a damaged record is left where the report names it
+            if isinstance(cell, dict) and config_hash(_without_code(cell)) in same:
+                (self.dir / SUPERSEDED).mkdir(exist_ok=True)
+                os.replace(path, self.dir / SUPERSEDED / path.name)
+                moved += 1
+        return moved
 
     def load_all(self) -> list[dict[str, Any]]:
         if not self.dir.is_dir():

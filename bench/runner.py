@@ -216,6 +216,9 @@ class Runner:
         from . import profiler, report
 
         cells = list(self.cells())
+        # Records of these cells made by an older version of a plugin's code are recomputed below: moved aside
+        # first, so that no table counts a cell twice.
+        superseded = self.store.retire_superseded([c for _, _, c in cells] + profiler.profile_cells(self))
         todo = [(k, e, c) for k, e, c in cells if not self.store.has(c)]
         threads = torch.get_num_threads()
         with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
@@ -233,7 +236,7 @@ class Runner:
         # Latency only now, with nothing else running on this machine (the executor's workers are gone).
         profiled = profiler.run_config(self) if self.do_profile and self.cfg.profile.targets else 0
         report.write(self.out)
-        return {"cells": len(cells), "ran": len(todo), "profiled": profiled}
+        return {"cells": len(cells), "ran": len(todo), "profiled": profiled, "superseded": superseded}
 
     def run_cell(self, kind: str, exp: Experiment, cell: dict[str, Any]) -> str:
         """Compute one cell and write its record; returns the record's name. Cells of a workbench share its data

@@ -51,6 +51,20 @@ def test_pruning_none_at_90_percent_drops_accuracy(clean_lenet, ctx, key, lenet_
     assert thief.evaluate(out.model) < before
 
 
+def test_unstructured_pruning_of_a_copy_with_zeroed_weights(clean_lenet, ctx, key, lenet_factory, thief):
+    """shield-magnitude's copy has its top 10% of weights zeroed: pruning 10% then removes nothing new. That is a
+    result (the record says how many were zero before), not an error; 50% still prunes."""
+    shield = protectors.get("shield", variant="magnitude", fraction=0.1)
+    loot = Loot(shield.protect(clean_lenet, ctx, key), shield, lenet_factory)
+    attack = attacks.get("prune-unstructured", ratios=[0.1, 0.5], finetune_epochs=0)
+    low = attack.run(loot, thief, "r=0.1").extra
+    assert low["zero_weights_before"] >= low["zero_weights_after"] * 0.99 and low["zero_weights_after"] > 0
+    assert low["nonzero_after"] == low["nonzero_before"]
+    high = attack.run(loot, thief, "r=0.5").extra
+    assert high["zero_weights_after"] >= 4 * high["zero_weights_before"]
+    assert high["nonzero_after"] < low["nonzero_after"]
+
+
 def test_true_password_as_guess_reaches_authorized_accuracy(edgepro_artifact, key, lenet_factory, thief):
     from protectors.edgepro import apply_password
 

@@ -118,3 +118,32 @@ def test_training_regimes_are_rows_of_their_own(tmp_path):
     assert list(eff["model"]) == ["lenet5[weight_decay=0.0]", "lenet5[weight_decay=0.05]"]
     assert list(eff["n"]) == [1, 1]
     assert eff["clean_acc"].iloc[0] != eff["clean_acc"].iloc[1]  # two trainings, not one cached model
+
+
+def test_records_of_older_plugin_code_are_recomputed_and_counted_once(cfg, tmp_path):
+    """Editing a plugin changes its code digest: a resumed run recomputes its cells and moves the old records to
+    records/superseded/, so the tables count every cell once; records of cells outside the config stay."""
+    from protectors.hashing import config_hash
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    Runner(cfg, out, cache_dir=cache, progress=False, profile=False).run()
+    recs = {p: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+    path, old = next((p, r) for p, r in recs.items()
+                     if r["cell"]["kind"] == "attack" and r["cell"]["label"] == "edgepro"
+                     and r["cell"]["attack_label"] == "finetune")
+    path.unlink()  # as if the record had been made by an older edgepro:
+    old["cell"]["protector"]["plugin"]["code"] = "0" * 16
+    old["result"]["stolen_acc_after"] = 0.5
+    stale = out / "records" / f"{config_hash(old['cell'])}.json"
+    stale.write_text(json.dumps(old))
+    other = json.loads(json.dumps(old))
+    other["cell"]["label"] = other["cell"]["protector"]["name"] = "retired-setting"
+    kept = out / "records" / f"{config_hash(other['cell'])}.json"
+    kept.write_text(json.dumps(other))
+    summary = Runner(cfg, out, cache_dir=cache, progress=False, profile=False).run()
+    assert summary["ran"] == 1 and summary["superseded"] == 1
+    assert not stale.exists() and (out / "records" / "superseded" / stale.name).exists()
+    assert path.exists() and kept.exists()
+    rows = [line for line in (out / "tables" / "attacks.csv").read_text().splitlines()
+            if line.startswith("digits,lenet5,edgepro,finetune,")]
+    assert len(rows) == 2 and all(line.split(",")[5] != "0.5" for line in rows)
