@@ -43,10 +43,16 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]
         d = ov.dropna(subset=["overhead"])
         d = d[d["protector"] != "none"]
         for (model, target), g in d.groupby(["model", "target"], sort=False):
-            parts = [f"{r['protector']} {r['mode']} ×{r['overhead']:.3f}" for _, r in g.iterrows()]
-            lines.append(f"Latency overhead, {model} on {target} (p50 ratio vs none, interleaved): "
+            parts = [f"{r['protector']} {r['mode']} ×{r['overhead']:.3f}" + _interval(r) for _, r in g.iterrows()]
+            lines.append(f"Latency overhead, {model} on {target} (p50 ratio vs none, interleaved, 95% interval): "
                          + ", ".join(parts) + ".")
     return lines
+
+
+def _interval(row) -> str:
+    """`` [low, high]``: the bootstrap interval of an overhead ratio, where the record has one."""
+    lo, hi = row.get("overhead_ci_low"), row.get("overhead_ci_high")
+    return f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None and lo == lo and hi == hi else ""
 
 
 def _plots(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame,

@@ -28,7 +28,7 @@ OVERHEAD = ["model", "protector", "mode", "target", "p50_ms", "p90_ms", "p99_ms"
 GUESSING = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "best_test_acc",
             "median_test_acc", "n_pass50", "n_pass80", "overlap_mean"]
 #: shown in Markdown/LaTeX besides the contract's columns
-OVERHEAD_SHOWN = OVERHEAD + ["mean_ms", "throughput_ips", "peak_mem_mb"]
+OVERHEAD_SHOWN = OVERHEAD + ["overhead_ci_low", "overhead_ci_high", "mean_ms", "throughput_ips", "peak_mem_mb"]
 
 
 def _aggregate(rows: list[dict[str, Any]], keys: list[str], values: list[str],
