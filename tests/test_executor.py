@@ -35,8 +35,8 @@ def results(out):
     return {name: ({k: v for k, v in r["result"].items() if k not in TIMING}, r["cell"]) for name, r in out.items()}
 
 
-@pytest.mark.slow
-def test_two_workers_give_the_serial_records(tmp_path, monkeypatch):
+def serial_run(tmp_path):
+    """The config and a key file, and the serial run's records in ``tmp_path/serial`` (cache ``c1``)."""
     path = tmp_path / "t.toml"
     path.write_text(CFG)
     cfg = config.load(str(path))
@@ -45,6 +45,12 @@ def test_two_workers_give_the_serial_records(tmp_path, monkeypatch):
     key.chmod(0o600)
     Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
            profile=False).run()
+    return cfg, key
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_serial_records(tmp_path, monkeypatch):
+    cfg, key = serial_run(tmp_path)
     summary = Runner(cfg, tmp_path / "dask", key_file=str(key), cache_dir=tmp_path / "c2", progress=False,
                      profile=False).run(DaskExecutor(workers=2))
     assert summary["ran"] == summary["cells"] == 6
@@ -74,14 +80,7 @@ def test_worker_killed_mid_cell_loses_only_that_cell(tmp_path):
 
     from dask.distributed import Client, LocalCluster
 
-    path = tmp_path / "t.toml"
-    path.write_text(CFG)
-    cfg = config.load(str(path))
-    key = tmp_path / "k.key"
-    key.write_text(bytes(range(32)).hex())
-    key.chmod(0o600)
-    Runner(cfg, tmp_path / "serial", key_file=str(key), cache_dir=tmp_path / "c1", progress=False,
-           profile=False).run()
+    cfg, key = serial_run(tmp_path)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=50) as cluster, Client(cluster) as client:
         runner = Runner(cfg, tmp_path / "dask", key_file=str(key), cache_dir=tmp_path / "c2", progress=False,
