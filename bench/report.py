@@ -52,7 +52,7 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]
 def _interval(row) -> str:
     """`` [low, high]``: the bootstrap interval of an overhead ratio, where the record has one."""
     lo, hi = row.get("overhead_ci_low"), row.get("overhead_ci_high")
-    return f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None and lo == lo and hi == hi else ""
+    return f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else ""
 
 
 def _plots(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame,
