@@ -20,9 +20,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from protectors.artifact import Artifact
-from protectors.base import Configurable, ModelFactory, Protector, Trainer
-from protectors.pruning import Pruned
+from protectors.core.artifact import Artifact
+from protectors.core.base import Configurable, ModelFactory, Protector, Trainer
+from protectors.core.pruning import Pruned
 
 
 @dataclasses.dataclass
@@ -80,7 +80,7 @@ class Attack(Configurable, ABC):
     """Base class of attacks. Subclasses set ``name``, ``Params`` and what they need of a protector.
 
     An attack states what it needs (ART's ``_estimator_requirements``), a protector states what it has
-    (:class:`~protectors.base.Protector`'s declarations); the harness never compares names.
+    (:class:`~protectors.core.base.Protector`'s declarations); the harness never compares names.
     """
 
     kind = "attack"

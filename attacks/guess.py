@@ -11,7 +11,6 @@ test accuracy of the guess that scores best on the thief's data.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protectors import lock
-from protectors.edgepro import Password, apply_password, rank_neurons, select_neurons
-from protectors.sampling import stratified_subset
-from protectors.seeding import stream_seed
+from protectors.core import lock
+from protectors.core.kinds import neuron_mask
+from protectors.core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
+from protectors.core.sampling import stratified_subset
+from protectors.core.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
@@ -54,14 +54,6 @@ class GuessParams:
             raise ValueError("parameters 'gamma' and 'pool' must be in (0, 1]")
 
 
-def public_param(loot: Loot, given: float | None, name: str, default: float) -> float:
-    """A protector parameter as the thief knows it: given, else from the artifact's plaintext metadata, else default."""
-    if given is not None:
-        return given
-    value = loot.artifact.meta.get("params", {}).get(name)
-    return float(value) if isinstance(value, (int, float)) else default
-
-
 def stats_sample(ctx: ThiefContext, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed stratified test sample every guess is scored on for the per-guess statistics."""
     tx, ty = ctx.test_x, ctx.test_y
@@ -91,13 +83,15 @@ class _GuessAttack(Attack):
         p = self.params
         stolen = loot.stolen_model()
         x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = lock.site_widths(stolen, ctx.lock_sites, x[:1])
+        sites = neuron_mask.public_sites(loot.artifact.meta, ctx.lock_sites)
+        widths = lock.site_widths(stolen, sites, x[:1])
         rng = np.random.default_rng(stream_seed(ctx.seed, "thief/guesses"))
         model = copy.deepcopy(stolen)
-        sites = lock.install(model, ctx.lock_sites)
+        sites = lock.install(model, sites)
         tx, ty = stats_sample(ctx, p.stats_samples)
         scores = []
-        gamma, pool = public_param(loot, p.gamma, "gamma", 0.1), public_param(loot, p.pool, "pool", 0.3)
+        meta = loot.artifact.meta
+        gamma, pool = neuron_mask.public_gamma(meta, p.gamma), neuron_mask.public_pool(meta, p.pool)
         for neurons in self.draw(stolen, ctx, x, widths, rng, gamma, pool):
             pw = Password(neurons, widths, p.lock_value, 1.0)
             for name, site in sites.items():
@@ -119,7 +113,7 @@ class GuessRandom(_GuessAttack):
     name = "guess-random"
 
     def draw(self, model, ctx, x, widths, rng, gamma, pool):
-        k = {s: max(1, math.ceil(gamma * n - 1e-9)) for s, n in widths.items()}
+        k = {s: neuron_mask.neurons_per_site(n, gamma) for s, n in widths.items()}
         return [{s: sorted(rng.choice(n, size=k[s], replace=False).tolist()) for s, n in widths.items()}
                 for _ in range(self.params.guesses)]
 
@@ -178,7 +172,7 @@ class MaskLearning(_GuessAttack):
         p = self.params
         stolen = loot.stolen_model()
         x, y = ctx.thief_data(p.fraction, ctx.seed)
-        widths = lock.site_widths(stolen, ctx.lock_sites, x[:1])
+        widths = lock.site_widths(stolen, neuron_mask.public_sites(loot.artifact.meta, ctx.lock_sites), x[:1])
         model = copy.deepcopy(stolen).eval()  # eval: batch-norm statistics stay frozen too
         for q in model.parameters():
             q.requires_grad_(False)
@@ -195,9 +189,9 @@ class MaskLearning(_GuessAttack):
         for h in handles:
             h.remove()
         neurons = {}
-        gamma = public_param(loot, p.gamma, "gamma", 0.1)
+        gamma = neuron_mask.public_gamma(loot.artifact.meta, p.gamma)
         for s, g in gates.items():
-            k = max(1, math.ceil(gamma * widths[s] - 1e-9))
+            k = neuron_mask.neurons_per_site(widths[s], gamma)
             neurons[s] = sorted(torch.argsort(g.logit.detach())[:k].tolist())
         guess = Password(neurons, widths, p.lock_value, 1.0)
         return Outcome(cell, apply_password(copy.deepcopy(stolen), guess), (p.fraction, p.epochs), guess=guess)

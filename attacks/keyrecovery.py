@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protectors import lock
-from protectors.hpnn import SignKey, apply_key, draw_key
-from protectors.seeding import stream_seed
+from protectors.core import lock
+from protectors.core.kinds import neuron_sign
+from protectors.core.kinds.neuron_sign import SignKey, apply_key, draw_key
+from protectors.core.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
@@ -39,21 +40,6 @@ from .registry_instance import attacks
 
 #: evaluation batch for scoring keys on the thief's data
 SCORE_BATCH = 2000
-
-
-def thief_sites(loot: Loot, ctx: ThiefContext) -> tuple[str, ...]:
-    """The lock sites as the thief knows them: the artifact's public metadata, else the model's declared ones."""
-    meta = loot.artifact.meta
-    sites = meta.get("lock_sites") or meta.get("params", {}).get("sites")
-    return tuple(sites) if sites else tuple(ctx.lock_sites)
-
-
-def thief_k(loot: Loot, given: int | None, n: int, default: int = 64) -> int:
-    """K as the thief knows it: given, else the artifact's public metadata, else the default; at most ``n``."""
-    if given is None:
-        meta = loot.artifact.meta
-        given = meta.get("key_bits", meta.get("params", {}).get("key_bits"))
-    return min(int(given) if isinstance(given, int) else default, n)
 
 
 class _Signs:
@@ -106,8 +92,8 @@ def _setup(loot: Loot, ctx: ThiefContext, fraction: float, key_bits: int | None)
     dev = _device(ctx)
     stolen = loot.stolen_model()
     x, y = ctx.thief_data(fraction, ctx.seed)
-    widths = lock.site_widths(stolen, thief_sites(loot, ctx), x[:1])
-    k = thief_k(loot, key_bits, sum(widths.values()))
+    widths = lock.site_widths(stolen, neuron_sign.public_sites(loot.artifact.meta, ctx.lock_sites), x[:1])
+    k = neuron_sign.public_key_bits(loot.artifact.meta, key_bits, sum(widths.values()))
     return _Setup(dev, stolen, _frozen(stolen, dev), x, y, widths, k)
 
 

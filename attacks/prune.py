@@ -5,7 +5,7 @@
   (``shield`` ``magnitude``) a low ratio may prune nothing new, and the record says so (``zero_weights_before``).
 - ``prune-channel``: structured L1 channel pruning with Torch-Pruning (the classifier is kept). Torch-Pruning
   silently prunes nothing when parameters are frozen, so the parameter count is checked to have dropped. The
-  surviving output channels of every pruned module are reported (:class:`~protectors.pruning.Pruned`), so a
+  surviving output channels of every pruned module are reported (:class:`~protectors.core.pruning.Pruned`), so a
   per-neuron secret can be sliced to match.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from protectors.pruning import Pruned
+from protectors.core.pruning import Pruned
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok, finetune

@@ -1,6 +1,6 @@
 """The attack registry instance (entry-point group ``edgepro_bench.attacks``)."""
 
-from protectors.registry import Registry
+from protectors.core.registry import Registry
 
 from .base import Attack
 

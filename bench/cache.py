@@ -24,10 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from protectors.artifact import Artifact
-from protectors.atomic import atomic_write_bytes
-from protectors.errors import BenchError
-from protectors.hashing import config_hash
+from protectors.core.artifact import Artifact
+from protectors.core.atomic import atomic_write_bytes
+from protectors.core.errors import BenchError
+from protectors.core.hashing import config_hash
 
 #: bump when what is cached changes format (v3: authenticated artifacts, data digests, plugin identities in keys)
 CACHE_VERSION = 3

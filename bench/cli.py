@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from protectors.errors import BenchError
+from protectors.core.errors import BenchError
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from protectors.atomic import atomic_write_text
-from protectors.errors import BenchError
+from protectors.core.atomic import atomic_write_text
+from protectors.core.errors import BenchError
 
 from . import tables
 from .records import RecordStore

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protectors.base import build_params
-from protectors.errors import ConfigError, did_you_mean
+from protectors.core.base import build_params
+from protectors.core.errors import ConfigError, did_you_mean
 
 from .training import TrainConfig
 

@@ -27,11 +27,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from protectors.errors import DataError
-from protectors.hashing import canonical_json
-from protectors.registry import Registry
-from protectors.sampling import stratified_subset
-from protectors.seeding import torch_generator
+from protectors.core.errors import DataError
+from protectors.core.hashing import canonical_json
+from protectors.core.registry import Registry
+from protectors.core.sampling import stratified_subset
+from protectors.core.seeding import torch_generator
 
 DATA_ENV = "EDGEPRO_BENCH_DATA"
 CACHE_ENV = "EDGEPRO_BENCH_CACHE"

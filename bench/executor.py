@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
-from protectors.errors import ConfigError
+from protectors.core.errors import ConfigError
 
 #: times the scheduler reruns a cell whose worker died or raised (a bad input raises on every try)
 RETRIES = 2
@@ -86,7 +86,7 @@ class DaskExecutor:
     def run(self, runner, todo: list[tuple[str, Any, dict[str, Any]]], on_done: Callable[[], None]) -> None:
         from dask.distributed import as_completed
 
-        from protectors.hashing import config_hash
+        from protectors.core.hashing import config_hash
 
         if not todo:
             return

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from protectors.registry import Registry
+from protectors.core.registry import Registry
 
 models: Registry[Callable[..., nn.Module]] = Registry("model")
 

@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 import protectors
-from protectors.artifact import Artifact
-from protectors.base import latency_context
-from protectors.crypto import GcmDecryptor, encrypt, key_id, parse_key, secret_seed
-from protectors.hashing import canonical_json
-from protectors.onnx_runtime import NotSupported
+from protectors.core.artifact import Artifact
+from protectors.core.base import latency_context
+from protectors.core.crypto import GcmDecryptor, encrypt, key_id, parse_key, secret_seed
+from protectors.core.hashing import canonical_json
+from protectors.core.onnx_runtime import NotSupported
 
 from . import models
 from .config import ProfileConfig

@@ -51,7 +51,7 @@ def plugins() -> dict[str, dict]:
     """Every loaded protector, attack and target: its module, distribution, version and code digest."""
     from attacks import attacks
     from protectors import protectors
-    from protectors.identity import plugin_identity
+    from protectors.core.identity import plugin_identity
 
     from .targets import targets
 

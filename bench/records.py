@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protectors.atomic import atomic_write_text
-from protectors.errors import BenchError
-from protectors.hashing import config_hash
+from protectors.core.atomic import atomic_write_text
+from protectors.core.errors import BenchError
+from protectors.core.hashing import config_hash
 
 from .provenance import provenance
 

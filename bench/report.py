@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from protectors.atomic import atomic_write_text
+from protectors.core.atomic import atomic_write_text
 
 from . import plots, tables
 from .records import RecordStore

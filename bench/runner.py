@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 import protectors
 from attacks import Loot, Outcome, ThiefContext
 from attacks import attacks as attack_registry
-from protectors.artifact import Artifact
-from protectors.base import PluginContext, Protector
-from protectors.crypto import create_key_file, key_id, load_key, secret_seed
-from protectors.hashing import canonical_json
-from protectors.identity import plugin_identity
-from protectors.sampling import stratified_subset
-from protectors.seeding import seed_everything, stream_seed
+from protectors.core.artifact import Artifact
+from protectors.core.base import PluginContext, Protector
+from protectors.core.crypto import create_key_file, key_id, load_key, secret_seed
+from protectors.core.hashing import canonical_json
+from protectors.core.identity import plugin_identity
+from protectors.core.sampling import stratified_subset
+from protectors.core.seeding import seed_everything, stream_seed
 
 from . import data, models
 from .cache import Cache

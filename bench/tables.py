@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from protectors.atomic import atomic_write_text
+from protectors.core.atomic import atomic_write_text
 
 from .records import model_label
 

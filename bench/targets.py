@@ -13,10 +13,10 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from protectors.artifact import Artifact
-from protectors.base import ModelFactory, Protector
-from protectors.onnx_runtime import NotSupported
-from protectors.registry import Registry
+from protectors.core.artifact import Artifact
+from protectors.core.base import ModelFactory, Protector
+from protectors.core.onnx_runtime import NotSupported
+from protectors.core.registry import Registry
 
 #: OpenSSL capability mask clearing AES-NI and PCLMULQDQ (leaf 1 ECX bits 25 and 1) and VAES/VPCLMULQDQ (leaf 7
 #: ECX bits 9 and 10): OpenSSL, including the copy inside ``cryptography``, falls back to software AES-GCM.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from protectors.base import Step
+from protectors.core.base import Step
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TrainConfig:
 
 
 class Trainer:
-    """Trains and evaluates models on one device; satisfies :class:`protectors.base.Trainer`."""
+    """Trains and evaluates models on one device; satisfies :class:`protectors.core.base.Trainer`."""
 
     def __init__(self, config: TrainConfig, device: torch.device | str = "cpu", progress: bool = True):
         self.config = config

@@ -17,9 +17,9 @@ import torch
 
 import protectors
 from bench import models
-from protectors.base import latency_context
-from protectors.crypto import GcmDecryptor, encrypt
-from protectors.lock import MaskedSite
+from protectors.core.base import latency_context
+from protectors.core.crypto import GcmDecryptor, encrypt
+from protectors.core.lock import MaskedSite
 
 KEY = bytes(range(32))
 MODEL_BYTES = 44 << 20  # about ResNet-18's float32 weights

@@ -1,17 +1,19 @@
 """Protectors: turn a trained model into a deployable artifact plus a secret key.
 
-Built-ins are imported here so their names are always registered; third-party protectors register through the
-``edgepro_bench.protectors`` entry-point group (see the README, "Writing a protector plugin").
+``protectors.core`` is the shared foundation (interface, artifacts, keys, secret kinds); every other module of this
+package is one built-in protector, a plugin like any other. Built-ins are imported here so their names are always
+registered; third-party protectors register through the ``edgepro_bench.protectors`` entry-point group (see the
+README, "Writing a protector plugin").
 """
 
 from . import aes, edgepro, he_paillier, hpnn, nnsplitter, none, shield  # noqa: F401  (registers the built-ins and peers)
-from .artifact import Artifact
-from .base import SECRET_KINDS, PluginContext, Protector, latency_context
-from .errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
-from .onnx_runtime import NotSupported
-from .pruning import Pruned
-from .registry import Registry
-from .registry_instance import protectors
+from .core.artifact import Artifact
+from .core.base import SECRET_KINDS, PluginContext, Protector, latency_context
+from .core.errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
+from .core.onnx_runtime import NotSupported
+from .core.pruning import Pruned
+from .core.registry import Registry
+from .core.registry_instance import protectors
 
 
 def get(name: str, **params) -> Protector:

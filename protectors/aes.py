@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import onnx_runtime
-from .base import ModelFactory, PluginContext, Protector
-from .crypto import GcmDecryptor, wipe_buffer
-from .registry_instance import protectors
-from .weights import bind_views, safetensors_views, state_bytes
+from .core import onnx_runtime
+from .core.base import ModelFactory, PluginContext, Protector
+from .core.crypto import GcmDecryptor, wipe_buffer
+from .core.registry_instance import protectors
+from .core.weights import bind_views, safetensors_views, state_bytes
 
 BLOB = "model.enc"
 GRAPH = "graph.onnx"
@@ -63,7 +63,7 @@ class AesProtector(Protector):
     secret_kind = "encrypted-weights"
     host_memory_modes = ("per-inference",)
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes):
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes):
         weights = state_bytes(model)
         artifact = self.new_artifact(model, key, cipher="AES-256-GCM", plaintext_bytes=len(weights))
         artifact.put_encrypted(BLOB, weights, key)
@@ -76,7 +76,7 @@ class AesProtector(Protector):
                            artifact.where)
         return model.eval(), dec
 
-    def deploy(self, artifact, key, model_factory, mode=None):
+    def _deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
         model, dec = self._bound_model(artifact, key, model_factory)
         if mode == "load":
@@ -85,15 +85,15 @@ class AesProtector(Protector):
         wipe_buffer(dec.buffer)
         return PerInferenceModel(model, dec).eval()
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return model_factory().eval()
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         return None  # the secret is the weights themselves: nothing to re-apply to other weights
 
-    def onnx_build(self, artifact, key, model_factory, mode, example):
+    def _onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "load":
-            return super().onnx_build(artifact, key, model_factory, mode, example)
+            return super()._onnx_build(artifact, key, model_factory, mode, example)
         model, dec = self._bound_model(artifact, key, model_factory)
         try:
             state = model.state_dict()
@@ -104,9 +104,9 @@ class AesProtector(Protector):
         artifact.put(GRAPH, graph)
         artifact.put(GRAPH_INPUTS, "\n".join(names).encode())
 
-    def onnx_load(self, artifact, key, mode, threads=1):
+    def _onnx_load(self, artifact, key, mode, threads=1):
         if self.check_mode(mode) == "load":
-            return super().onnx_load(artifact, key, mode, threads)
+            return super()._onnx_load(artifact, key, mode, threads)
         dec = artifact.decryptor(BLOB, key)
         views = safetensors_views(dec.decrypt(), f"{artifact.where}/{BLOB}")
         names = artifact.file(GRAPH_INPUTS).decode().split("\n")

@@ -12,7 +12,7 @@ applied.
 3. **Lock training** from scratch: in every batch a ``locked_fraction`` of the samples is *locked* (password applied,
    true labels) and the rest *released* (no mask, uniformly random labels). Masks are per-sample tensors.
 4. **Artifact** — plaintext weights plus the password encrypted with AES-256-GCM; every file is authenticated
-   by the key (see :mod:`protectors.artifact`), so swapped or tampered weights are detected.
+   by the key (see :mod:`protectors.core.artifact`), so swapped or tampered weights are detected.
 
 The password's draw is seeded from the device key (``ctx.secret_rng()``), never from the public config seed:
 whoever holds the config and the clean model cannot recompute it.
@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lock, onnx_runtime
-from .artifact import Artifact
-from .base import PluginContext, Protector
-from .errors import ArtifactError, ConfigError
-from .none import WEIGHTS, load_weights
-from .registry_instance import protectors
-from .seeding import torch_generator
-from .weights import state_bytes
+from .core import lock, onnx_runtime
+from .core.artifact import Artifact
+from .core.base import PluginContext, Protector
+from .core.errors import ArtifactError, ConfigError
+from .core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
+from .core.registry_instance import protectors
+from .core.seeding import torch_generator
+from .core.weights import WEIGHTS, load_weights, state_bytes
 
 BLOB = "password.enc"
 ONNX = onnx_runtime.MASKED
@@ -76,98 +74,6 @@ class EdgeProParams:
             raise ValueError(f"parameter 'epochs' must be >= 1, got {self.epochs}")
         if self.calib_samples < 1:
             raise ValueError(f"parameter 'calib_samples' must be >= 1, got {self.calib_samples}")
-
-
-@dataclass(frozen=True)
-class Password:
-    """The secret: authorization neurons per site (with each site's width), locking value and scale factor."""
-
-    neurons: dict[str, list[int]]
-    widths: dict[str, int]
-    lock_value: float = 0.0
-    scale: float = 1.0
-
-    def mask(self, site: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        m = torch.full((self.widths[site],), float(self.scale), device=device)
-        m[torch.as_tensor(self.neurons[site], dtype=torch.long, device=device)] = float(self.lock_value)
-        return m
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        return {s: self.mask(s) for s in self.neurons}
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({"neurons": self.neurons, "widths": self.widths, "lock_value": self.lock_value,
-                           "scale": self.scale}, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, what: str) -> Password:
-        try:
-            d = json.loads(data)
-            pw = cls({k: [int(i) for i in v] for k, v in d["neurons"].items()},
-                     {k: int(v) for k, v in d["widths"].items()}, float(d["lock_value"]), float(d["scale"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ArtifactError(f"{what}: malformed password") from None
-        for s, idx in pw.neurons.items():
-            if s not in pw.widths or any(not 0 <= i < pw.widths[s] for i in idx):
-                raise ArtifactError(f"{what}: password neuron index out of range at site {s!r}")
-        return pw
-
-    def keyspace_bits(self) -> float:
-        """log2 of the number of neuron choices with the same counts per site (λ and s not counted)."""
-        return float(sum(math.log2(math.comb(self.widths[s], len(i))) for s, i in self.neurons.items()))
-
-    def sliced(self, kept: dict[str, list[int]]) -> Password:
-        """The password on a structurally pruned model: ``kept[site]`` lists the surviving original indices."""
-        neurons, widths = dict(self.neurons), dict(self.widths)
-        for site, survivors in kept.items():
-            if site in neurons:
-                pos = {orig: new for new, orig in enumerate(survivors)}
-                neurons[site] = [pos[i] for i in neurons[site] if i in pos]
-                widths[site] = len(survivors)
-        return Password(neurons, widths, self.lock_value, self.scale)
-
-    def overlap(self, other: Password) -> dict[str, float]:
-        """Per site, the fraction of this password's neurons that ``other`` also names."""
-        return {s: len(set(i) & set(other.neurons.get(s, []))) / len(i) for s, i in self.neurons.items()}
-
-
-def apply_password(model: nn.Module, password: Password) -> nn.Module:
-    """Install the password's masks at its sites (in the graph, in place at inference)."""
-    try:
-        sites = lock.install(model, password.neurons)
-    except KeyError as exc:
-        raise ArtifactError(f"password names lock site {exc.args[0]!r}, which the model does not have") from None
-    for name, site in sites.items():
-        site.set_mask(password.mask(name))
-    return model
-
-
-@torch.no_grad()
-def rank_neurons(model: nn.Module, sites: Iterable[str], calib_x: torch.Tensor,
-                 batch: int = 256) -> dict[str, np.ndarray]:
-    """Per site, neuron indices sorted by mean activation on ``calib_x``, highest first."""
-    model = copy.deepcopy(model).eval()
-    wrapped = lock.install(model, sites)
-    for s in wrapped.values():
-        s.record = []
-    for i in range(0, len(calib_x), batch):
-        model(calib_x[i : i + batch])
-    ranks = {}
-    for name, s in wrapped.items():
-        mean = torch.stack(s.record).sum(0) / len(calib_x)
-        # Stable sort so that ties keep index order and the ranking is reproducible.
-        ranks[name] = np.argsort(-mean.cpu().numpy(), kind="stable")
-    return ranks
-
-
-def select_neurons(ranking: np.ndarray, gamma: float, pool: float, rng: np.random.Generator) -> list[int]:
-    """Roulette-wheel draw, without repeats, of ``ceil(gamma·n)`` neurons from the top ``pool`` of ``ranking``."""
-    n = len(ranking)
-    k = max(1, math.ceil(gamma * n - 1e-9))
-    size = max(k, math.ceil(pool * n - 1e-9))
-    fitness = np.arange(size, 0, -1, dtype=float)  # linear in rank, all positive
-    chosen = rng.choice(ranking[:size], size=k, replace=False, p=fitness / fitness.sum())
-    return sorted(int(i) for i in chosen)
 
 
 def lock_step(sites: dict[str, lock.LockedSite], password: Password, num_classes: int, fraction: float,
@@ -249,7 +155,7 @@ class EdgeProProtector(Protector):
         ctx.trainer.fit(model, ctx.train_loader, self.params.epochs or ctx.epochs, step=step, desc="edgepro lock")
         return lock.remove(model).cpu().eval()
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         password = self.choose_password(model, ctx)
         locked = self.lock_train(password, ctx)
         artifact = self.new_artifact(locked, key, cipher="AES-256-GCM", keyspace_bits=password.keyspace_bits())
@@ -262,7 +168,7 @@ class EdgeProProtector(Protector):
         self.open(artifact, key)
         return Password.from_bytes(artifact.decrypt(BLOB, key), f"{artifact.where}/{BLOB}")
 
-    def deploy(self, artifact, key, model_factory, mode=None):
+    def _deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
         password = self.password(artifact, key)
         model = load_weights(artifact, model_factory)
@@ -274,23 +180,23 @@ class EdgeProProtector(Protector):
             raise ArtifactError(f"{artifact.where}: password names lock site {exc.args[0]!r}, "
                                 "which the model does not have") from None
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return load_weights(artifact, model_factory)
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         password = self.password(artifact, key)
         if pruned is not None:
             password = password.sliced(pruned.kept_at(model, list(password.neurons)))
         return apply_password(copy.deepcopy(model), password).eval()
 
-    def compare_secret(self, artifact, key, guess):
+    def _compare_secret(self, artifact, key, guess):
         if not isinstance(guess, Password):
             return {}
         overlap = self.password(artifact, key).overlap(guess)
         return {"overlap": overlap, "overlap_mean": float(np.mean(list(overlap.values())))}
 
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
-    def onnx_build(self, artifact, key, model_factory, mode, example):
+    def _onnx_build(self, artifact, key, model_factory, mode, example):
         mode = self.check_mode(mode)
         if mode == "fold":
             model = load_weights(artifact, model_factory)
@@ -300,7 +206,7 @@ class EdgeProProtector(Protector):
             return
         onnx_runtime.put_masked_graph(artifact, self.deploy(artifact, key, model_factory, "mask"), example)
 
-    def onnx_load(self, artifact, key, mode, threads=1):
+    def _onnx_load(self, artifact, key, mode, threads=1):
         mode = self.check_mode(mode)
         password = self.password(artifact, key)
         if mode == "fold":

@@ -50,11 +50,11 @@ from phe import util as phe_util
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .artifact import Artifact
-from .base import ModelFactory, PluginContext, Protector
-from .errors import ArtifactError
-from .registry_instance import protectors
-from .weights import load_state_bytes
+from .core.artifact import Artifact
+from .core.base import ModelFactory, PluginContext, Protector
+from .core.errors import ArtifactError
+from .core.registry_instance import protectors
+from .core.weights import load_state_bytes
 
 CIPHERTEXTS = "paillier.json"
 PRIVATE_KEY = "paillier_key.enc"
@@ -106,7 +106,7 @@ class HePaillierProtector(Protector):
     modes = ("load",)
     secret_kind = "encrypted-weights"
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         p = self.params
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         total = sum(t.numel() for t in state.values())
@@ -159,7 +159,7 @@ class HePaillierProtector(Protector):
             raise ArtifactError(f"{what}: the private key does not match the ciphertexts' public key")
         return paillier.PaillierPrivateKey(paillier.PaillierPublicKey(public_n), p, q)
 
-    def deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
+    def _deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
         self.check_mode(mode)
         what = f"{artifact.where}/{CIPHERTEXTS}"
         try:
@@ -182,10 +182,10 @@ class HePaillierProtector(Protector):
         model.paillier_decrypt_s = decrypt_s  # measured on this load, for whoever wants it
         return model.eval()
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return model_factory().eval()  # ciphertexts only: the architecture with a random init
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         return None  # the secret is the weights themselves: nothing to re-apply to other weights
 
     def secret_bytes(self, artifact: Artifact) -> int:

@@ -86,14 +86,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import onnx_runtime
-from .artifact import Artifact
-from .base import PluginContext, Protector
-from .errors import ArtifactError, ConfigError
-from .none import WEIGHTS, load_weights
-from .pruning import Pruned
-from .registry_instance import protectors
-from .weights import state_bytes
+from .core import onnx_runtime
+from .core.artifact import Artifact
+from .core.base import PluginContext, Protector
+from .core.errors import ArtifactError, ConfigError
+from .core.pruning import Pruned
+from .core.registry_instance import protectors
+from .core.weights import WEIGHTS, load_weights, state_bytes
 
 SECRET = "positions.enc"
 ONNX = "model.onnx"
@@ -422,7 +421,7 @@ class NNSplitterProtector(Protector):
     # keeps 0.22-0.49 (digits, six key draws): the suite reports it rather than claiming a useless copy.
     claims_stolen_chance = False
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
         names = conv_layers(model)
         rng = ctx.secret_rng()  # which filters is part of the secret: drawn from the key, never from ctx.seed
@@ -452,7 +451,7 @@ class NNSplitterProtector(Protector):
         self.open(artifact, key)
         return Secret.from_bytes(artifact.decrypt(SECRET, key), f"{artifact.where}/{SECRET}")
 
-    def deploy(self, artifact, key, model_factory, mode=None):
+    def _deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
         secret = self.secret(artifact, key)
         model = load_weights(artifact, model_factory)
@@ -460,10 +459,10 @@ class NNSplitterProtector(Protector):
             return restore(model, secret).eval()
         return install_tee(model, tee_corrections(model, secret))
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return load_weights(artifact, model_factory)
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         secret = self.secret(artifact, key)
         model = copy.deepcopy(model)
         if pruned is not None:
@@ -471,9 +470,9 @@ class NNSplitterProtector(Protector):
         return restore(model, secret).eval()
 
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
-    def onnx_build(self, artifact, key, model_factory, mode, example):
+    def _onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "restore":
-            return super().onnx_build(artifact, key, model_factory, mode, example)
+            return super()._onnx_build(artifact, key, model_factory, mode, example)
         model = load_weights(artifact, model_factory)
         real = tee_corrections(model, self.secret(artifact, key))
         # Placeholders of the right shapes: nothing of the secret (ΔW, which filters) goes into the graph file.
@@ -484,9 +483,9 @@ class NNSplitterProtector(Protector):
         artifact.put(ONNX, onnx_runtime.export(_CorrectionInputs(model, names), example, rest))
         artifact.put(ONNX_LAYERS, "\n".join(names).encode())
 
-    def onnx_load(self, artifact, key, mode, threads=1):
+    def _onnx_load(self, artifact, key, mode, threads=1):
         if self.check_mode(mode) == "restore":
-            return super().onnx_load(artifact, key, mode, threads)
+            return super()._onnx_load(artifact, key, mode, threads)
         from safetensors.numpy import load as np_load
 
         secret = self.secret(artifact, key)

@@ -66,14 +66,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .artifact import Artifact
-from .base import ModelFactory, PluginContext, Protector
-from .errors import ArtifactError, ConfigError
-from .none import WEIGHTS, load_weights
-from .onnx_runtime import NotSupported
-from .pruning import Pruned
-from .registry_instance import protectors
-from .weights import state_bytes
+from .core.artifact import Artifact
+from .core.base import ModelFactory, PluginContext, Protector
+from .core.errors import ArtifactError, ConfigError
+from .core.onnx_runtime import NotSupported
+from .core.pruning import Pruned
+from .core.registry_instance import protectors
+from .core.weights import WEIGHTS, load_weights, state_bytes
 
 SECRET = "shielded.enc"
 VARIANTS = ("deep", "magnitude")
@@ -373,7 +372,7 @@ class ShieldProtector(Protector):
     secret_kind = "withheld-weights"
     host_memory_modes = ("tee",)
 
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         p = self.params
         model = copy.deepcopy(model).cpu().eval()
         thief = copy.deepcopy(model)
@@ -432,7 +431,7 @@ class ShieldProtector(Protector):
             return {str(m): extra for m in artifact.meta.get("shielded_modules", [])}
         return {n.rsplit(".", 1)[0]: extra * len(s.index) / math.prod(s.shape) for n, s in secret.items()}
 
-    def deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
+    def _deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
         mode = self.check_mode(mode)
         secret = self.secret(artifact, key)
         model = restore(load_weights(artifact, model_factory), secret, artifact.where)
@@ -453,24 +452,24 @@ class ShieldProtector(Protector):
                 keep[n] = factors[n]
         return keep
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return load_weights(artifact, model_factory)
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         secret, unmapped = remap(model, self.secret(artifact, key), pruned)
         model = restore(copy.deepcopy(model), secret, artifact.where).eval()
         model.shield_unmapped = unmapped
         return model
 
-    def onnx_build(self, artifact, key, model_factory, mode, example):
+    def _onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "tee":
             raise NotSupported(self._no_onnx)
-        return super().onnx_build(artifact, key, model_factory, mode, example)
+        return super()._onnx_build(artifact, key, model_factory, mode, example)
 
-    def onnx_load(self, artifact, key, mode, threads=1):
+    def _onnx_load(self, artifact, key, mode, threads=1):
         if self.check_mode(mode) == "tee":
             raise NotSupported(self._no_onnx)
-        return super().onnx_load(artifact, key, mode, threads)
+        return super()._onnx_load(artifact, key, mode, threads)
 
     _no_onnx = ("n/a: shield tee models the TEE's cost by timing each shielded module and busy-waiting in Python; "
                 "an ONNX graph cannot express that (the export would drop the cost and measure plain)")

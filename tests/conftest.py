@@ -3,7 +3,7 @@ import torch
 
 from bench import data, models
 from bench.training import TrainConfig, Trainer
-from protectors.base import PluginContext
+from protectors.core.base import PluginContext
 
 torch.set_num_threads(2)
 

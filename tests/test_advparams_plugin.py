@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import attacks
 import protectors
-from protectors.artifact import Artifact
-from protectors.errors import KeyMaterialError
+from protectors.core.artifact import Artifact
+from protectors.core.errors import KeyMaterialError
 
 PLUGIN_SRC = Path(__file__).resolve().parents[1] / "examples" / "advparams"
 if str(PLUGIN_SRC) not in sys.path:
@@ -54,7 +54,7 @@ def test_plugin_registers_only_through_its_entry_point():
     cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "AdvParamsProtector")
     assert cls.decorator_list == []
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not {m for m in imported if m and m.startswith(("bench", "attacks", "protectors.registry"))}
+    assert not {m for m in imported if m and m.startswith(("bench", "attacks", "protectors.core.registry"))}
 
 
 def test_bad_params_are_config_errors():

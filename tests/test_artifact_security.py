@@ -10,10 +10,10 @@ import torch
 
 import protectors
 from bench import models
-from protectors.artifact import FORMAT, Artifact
-from protectors.base import latency_context
-from protectors.errors import BenchError
-from protectors.hashing import sha256_hex
+from protectors.core.artifact import FORMAT, Artifact
+from protectors.core.base import latency_context
+from protectors.core.errors import BenchError
+from protectors.core.hashing import sha256_hex
 
 KEY = bytes(range(32))
 X1 = torch.zeros(1, 1, 28, 28)
@@ -176,8 +176,8 @@ def test_password_not_reproducible_from_public_inputs(clean_lenet, digits, lenet
     """The public config (seed, parameters) plus the clean model do not give the password; the key does."""
     from conftest import make_context
 
-    from protectors.crypto import secret_seed
-    from protectors.edgepro import rank_neurons, select_neurons
+    from protectors.core.crypto import secret_seed
+    from protectors.core.kinds.neuron_mask import rank_neurons, select_neurons
 
     ep = protectors.get("edgepro")
 

@@ -5,8 +5,8 @@ import pytest
 import attacks
 import protectors
 from attacks import Loot, ThiefContext
-from protectors.errors import ConfigError
-from protectors.sampling import stratified_subset
+from protectors.core.errors import ConfigError
+from protectors.core.sampling import stratified_subset
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_unstructured_pruning_of_a_copy_with_zeroed_weights(clean_lenet, ctx, ke
 
 
 def test_true_password_as_guess_reaches_authorized_accuracy(edgepro_artifact, key, lenet_factory, thief):
-    from protectors.edgepro import apply_password
+    from protectors.core.kinds.neuron_mask import apply_password
 
     ep = protectors.get("edgepro")
     pw = ep.password(edgepro_artifact, key)

@@ -14,7 +14,7 @@ from test_data import write_cifar, write_idx
 
 from bench import config, data, report
 from bench.cli import main
-from protectors.errors import BenchError, DataError
+from protectors.core.errors import BenchError, DataError
 
 BASE = 'datasets = ["digits"]\n'
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import compare as cmp
-from protectors.errors import BenchError
+from protectors.core.errors import BenchError
 
 QUICK = Path(__file__).resolve().parents[1] / "results" / "quick" / "records"
 

@@ -6,7 +6,7 @@ import pytest
 
 from bench import config
 from bench.cli import main
-from protectors.errors import ConfigError
+from protectors.core.errors import ConfigError
 
 TINY = """
 name = "tiny"

@@ -17,8 +17,8 @@ import attacks
 import protectors
 from bench import config
 from bench.runner import Runner
-from protectors.artifact import Artifact
-from protectors.onnx_runtime import NotSupported
+from protectors.core.artifact import Artifact
+from protectors.core.onnx_runtime import NotSupported
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import data
-from protectors.errors import DataError
+from protectors.core.errors import DataError
 
 
 def write_idx(raw: Path, n_train=20, n_test=10, side=28, gz=False):

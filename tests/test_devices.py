@@ -10,8 +10,8 @@ import torch
 
 from bench import models
 from bench.training import TrainConfig, Trainer
-from protectors import lock
-from protectors.base import PluginContext
+from protectors.core import lock
+from protectors.core.base import PluginContext
 from protectors.edgepro import EdgeProProtector
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

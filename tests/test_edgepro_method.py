@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from protectors import lock
-from protectors.edgepro import Password, apply_password, lock_step, rank_neurons, select_neurons
+from protectors.core import lock
+from protectors.core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
+from protectors.edgepro import lock_step
 
 
 def test_selection_count_pool_and_every_index_eligible():

@@ -7,7 +7,7 @@ import pytest
 from bench import config
 from bench.executor import DaskExecutor
 from bench.runner import Runner
-from protectors.errors import ConfigError
+from protectors.core.errors import ConfigError
 
 pytest.importorskip("dask.distributed")
 

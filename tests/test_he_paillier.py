@@ -17,9 +17,9 @@ from torch import nn
 
 import protectors
 import protectors.he_paillier  # noqa: F401  (registers "he-paillier")
-from protectors.artifact import Artifact
-from protectors.base import latency_context
-from protectors.errors import ArtifactError, ConfigError
+from protectors.core.artifact import Artifact
+from protectors.core.base import latency_context
+from protectors.core.errors import ArtifactError, ConfigError
 from protectors.he_paillier import CIPHERTEXTS, PRIVATE_KEY, REST, security_bits
 
 

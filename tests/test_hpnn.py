@@ -18,11 +18,12 @@ import protectors.hpnn  # noqa: F401  (registers the protector)
 from attacks import Loot, ThiefContext
 from attacks.prune import PruneChannel
 from attacks.registry_instance import attacks
-from protectors import lock
-from protectors.errors import ArtifactError, ConfigError, KeyMaterialError
-from protectors.hpnn import HpnnProtector, SignKey, keyspace
-from protectors.registry_instance import protectors
-from protectors.sampling import stratified_subset
+from protectors.core import lock
+from protectors.core.errors import ArtifactError, ConfigError, KeyMaterialError
+from protectors.core.kinds.neuron_sign import SignKey, keyspace
+from protectors.core.registry_instance import protectors
+from protectors.core.sampling import stratified_subset
+from protectors.hpnn import HpnnProtector
 
 SITES = ("relu1", "relu2", "relu3", "relu4")
 EPOCHS = 20

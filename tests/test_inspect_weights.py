@@ -18,8 +18,8 @@ import attacks.inspect_weights  # noqa: F401  (registers "weight-inspection")
 import protectors
 from attacks import Loot, ThiefContext
 from attacks.inspect_weights import suspicious
-from protectors.errors import ConfigError
-from protectors.sampling import stratified_subset
+from protectors.core.errors import ConfigError
+from protectors.core.sampling import stratified_subset
 
 
 @pytest.fixture(scope="module")

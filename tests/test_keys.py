@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from protectors.crypto import KEY_ENV, KEY_FILE_ENV, KEY_FORMAT_ENV, KeyFileWarning, create_key_file, load_key
-from protectors.errors import KeyMaterialError
+from protectors.core.crypto import KEY_ENV, KEY_FILE_ENV, KEY_FORMAT_ENV, KeyFileWarning, create_key_file, load_key
+from protectors.core.errors import KeyMaterialError
 
 GOOD = bytes(range(32))
 

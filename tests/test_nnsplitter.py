@@ -19,7 +19,7 @@ from torch import nn
 import protectors
 import protectors.nnsplitter  # noqa: F401  (registers the protector)
 from attacks.prune import PruneChannel
-from protectors.errors import ConfigError, KeyMaterialError
+from protectors.core.errors import ConfigError, KeyMaterialError
 from protectors.nnsplitter import (
     ONNX,
     SECRET,

@@ -7,9 +7,9 @@ import torch
 import protectors
 from bench import models, profiler
 from bench.targets import SOFT_AES_MASK, targets
-from protectors.artifact import Artifact
-from protectors.base import latency_context
-from protectors.lock import MaskedSite
+from protectors.core.artifact import Artifact
+from protectors.core.base import latency_context
+from protectors.core.lock import MaskedSite
 
 KEY = bytes(range(32))
 X1 = torch.zeros(1, 1, 28, 28)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import protectors
-from protectors.artifact import Artifact
-from protectors.errors import ArtifactError, KeyMaterialError, UnknownNameError
+from protectors.core.artifact import Artifact
+from protectors.core.errors import ArtifactError, KeyMaterialError, UnknownNameError
 
 
 def acc(trainer, model, splits):
@@ -139,8 +139,8 @@ def test_edgepro_tamper_is_named(edgepro_artifact, key, lenet_factory, tmp_path,
 
 def test_edgepro_swapped_weights_detected_even_with_matching_hash(edgepro_artifact, clean_lenet, key, lenet_factory):
     """Swap in other weights *and* fix up the recorded hash: the key's MAC over the manifest still catches it."""
-    from protectors.hashing import sha256_hex
-    from protectors.weights import state_bytes
+    from protectors.core.hashing import sha256_hex
+    from protectors.core.weights import state_bytes
 
     art = copy.deepcopy(edgepro_artifact)
     art.files["weights.safetensors"] = w = state_bytes(clean_lenet)

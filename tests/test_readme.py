@@ -4,7 +4,7 @@ import inspect
 import re
 from pathlib import Path
 
-from protectors.base import Protector
+from protectors.core.base import Protector
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

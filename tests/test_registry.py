@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 import protectors
-from protectors.registry import Registry
+from protectors.core.registry import Registry
 
 
 def test_entry_point_plugin_is_found_and_checked(tmp_path, monkeypatch):
@@ -44,7 +44,7 @@ def test_editing_a_plugins_code_changes_its_identity(tmp_path, monkeypatch):
     import importlib
     import sys
 
-    from protectors.identity import plugin_identity
+    from protectors.core.identity import plugin_identity
 
     pkg = tmp_path / "demo_plugin_pkg"
     pkg.mkdir()

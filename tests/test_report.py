@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bench import report, tables
-from protectors.errors import BenchError
+from protectors.core.errors import BenchError
 
 
 def rec(cell, result):

@@ -123,7 +123,7 @@ def test_training_regimes_are_rows_of_their_own(tmp_path):
 def test_records_of_older_plugin_code_are_recomputed_and_counted_once(cfg, tmp_path):
     """Editing a plugin changes its code digest: a resumed run recomputes its cells and moves the old records to
     records/superseded/, so the tables count every cell once; records of cells outside the config stay."""
-    from protectors.hashing import config_hash
+    from protectors.core.hashing import config_hash
 
     out, cache = tmp_path / "run", tmp_path / "cache"
     Runner(cfg, out, cache_dir=cache, progress=False, profile=False).run()

@@ -21,12 +21,11 @@ import protectors.shield  # noqa: F401  (registers "shield")
 from attacks import Loot, ThiefContext
 from attacks.prune import PruneChannel
 from protectors import NotSupported
-from protectors.artifact import Artifact
-from protectors.errors import ArtifactError, ConfigError
-from protectors.none import WEIGHTS
-from protectors.sampling import stratified_subset
+from protectors.core.artifact import Artifact
+from protectors.core.errors import ArtifactError, ConfigError
+from protectors.core.sampling import stratified_subset
+from protectors.core.weights import WEIGHTS, load_state_bytes
 from protectors.shield import SECRET, TeeTimed, model_blocks
-from protectors.weights import load_state_bytes
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
 
@@ -251,7 +250,7 @@ def test_authorize_on_a_pruned_resnet_equals_the_clean_model_with_those_channels
     """Residual stages and shortcut convs: pruning a channel is the same as zeroing its producers' outputs, so the
     authorized pruned copy must compute what the clean model computes with the pruned channels zeroed."""
     from bench import models
-    from protectors.base import latency_context
+    from protectors.core.base import latency_context
 
     factory = models.factory("resnet18", 3, 32, 10, seed=0)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

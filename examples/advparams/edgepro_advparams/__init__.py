@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protectors import Artifact, ArtifactError, PluginContext, Protector, Pruned
-from protectors.none import WEIGHTS, load_weights
-from protectors.weights import state_bytes
+from protectors.core.weights import WEIGHTS, load_weights, state_bytes
 
 SECRET = "corrections.enc"  # the only encrypted file: positions and δ
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -239,7 +238,7 @@ class AdvParamsProtector(Protector):
     # stolen_holds_weights keeps its default: the thief's copy holds (perturbed) trained weights.
 
     # -- the four methods every protector writes --------------------------------------------------------------
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         candidates = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
         rng = ctx.secret_rng()  # which layers is part of the secret: draw it from the key, never from ctx.seed
         picked = set(rng.choice(len(candidates), size=min(self.params.layers, len(candidates)), replace=False))
@@ -260,14 +259,14 @@ class AdvParamsProtector(Protector):
         self.open(artifact, key)
         return secret_from_bytes(artifact.decrypt(SECRET, key), f"{artifact.where}/{SECRET}")
 
-    def deploy(self, artifact, key, model_factory, mode=None):
+    def _deploy(self, artifact, key, model_factory, mode=None):
         self.check_mode(mode)
         return subtract(load_weights(artifact, model_factory), self.secret(artifact, key)).eval()
 
-    def stolen(self, artifact, model_factory):
+    def _stolen(self, artifact, model_factory):
         return load_weights(artifact, model_factory)  # the perturbed weights, as stored
 
-    def authorize(self, model, artifact, key, pruned=None):
+    def _authorize(self, model, artifact, key, pruned=None):
         secret = self.secret(artifact, key)
         model = copy.deepcopy(model)
         if pruned is not None:

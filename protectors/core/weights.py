@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -9,6 +11,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import ArtifactError
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
+    from .base import ModelFactory
+
+#: the conventional name of an artifact's plaintext weights file
+WEIGHTS = "weights.safetensors"
 
 
 def state_bytes(model: nn.Module) -> bytes:
@@ -29,6 +38,11 @@ def load_state_bytes(model: nn.Module, data: bytes | bytearray | memoryview, wha
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"{what}: weights do not fit the model ({first})") from None
     return model
+
+
+def load_weights(artifact: Artifact, model_factory: ModelFactory, name: str = WEIGHTS) -> nn.Module:
+    """The model with the artifact's plaintext weights file ``name`` loaded (eval mode)."""
+    return load_state_bytes(model_factory(), artifact.file(name), f"{artifact.where}/{name}").eval()
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

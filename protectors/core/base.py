@@ -1,6 +1,6 @@
 """The protector interface, and the context the harness hands every plugin.
 
-A protector turns a trained model into an :class:`~protectors.artifact.Artifact` (what is deployed on the device)
+A protector turns a trained model into an :class:`~protectors.core.artifact.Artifact` (what is deployed on the device)
 protected by a key (what the device's secure element holds). The harness never asks a protector for its name to
 decide anything: it reads what the class *declares* and calls the protector's own methods.
 
@@ -13,22 +13,23 @@ Declarations (class attributes):
 - ``claims_stolen_chance`` — whether the stolen copy is meant to be useless (near chance accuracy);
 - ``modes`` — deploy modes; the first is the default; ``host_memory_modes`` those that cannot move to a GPU.
 
-Methods a protector must write (abstract): :meth:`~Protector.protect`, :meth:`~Protector.deploy`,
-:meth:`~Protector.stolen`, :meth:`~Protector.authorize`. Everything else has a sound default:
-:meth:`~Protector.secret_bytes` (the encrypted files' size), :meth:`~Protector.keyspace_bits` (256, the AES key),
-:meth:`~Protector.onnx_build` / :meth:`~Protector.onnx_load` (the authorized model exported to ONNX, sealed with
-AES-GCM and decrypted at load), :meth:`~Protector.protect_for_latency` (:meth:`protect` with a context that trains
-nothing on synthetic data), :meth:`~Protector.compare_secret` (nothing).
+Methods a protector must write (abstract): ``_protect``, ``_deploy``, ``_stolen``, ``_authorize``. Everything else
+has a sound default: :meth:`~Protector.secret_bytes` (the encrypted files' size), :meth:`~Protector.keyspace_bits`
+(256, the AES key), ``_onnx_build`` / ``_onnx_load`` (the authorized model exported to ONNX, sealed with AES-GCM and
+decrypted at load), ``_protect_for_latency`` (``_protect`` with a context that trains nothing on synthetic data),
+``_compare_secret`` (nothing).
 
-Authentication is not left to each plugin: every keyed entry point (``deploy``, ``authorize``, ``compare_secret``,
-``onnx_build``, ``onnx_load``) first checks that the artifact is this protector's and authenticates every file under
-the key; ``stolen`` checks the files' hashes; ``protect``'s artifact is sealed with the key on return.
+Authentication is not left to each plugin: the public entry points (``protect``, ``deploy``, ``stolen``,
+``authorize``, ``compare_secret``, ``onnx_build``, ``onnx_load``) are template methods of this base class. Each keyed
+one first checks that the artifact is this protector's and authenticates every file under the key, then calls the
+plugin's ``_name``; ``stolen`` checks the files' hashes; ``protect``'s artifact is checked against its secret kind's
+public metadata schema and sealed with the key. A class that redefines a public entry point (a mixin included) is
+refused when it is defined, so the check cannot be skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterable, Protocol
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import kinds
 from .artifact import Artifact
 from .errors import ArtifactError, ConfigError, did_you_mean
 from .pruning import Pruned
@@ -141,62 +143,9 @@ class Configurable:
         return dataclasses.asdict(self.params)
 
 
-def _keyed(fn):
-    """Wrap a keyed entry point ``fn(self, artifact, key, ...)``: check and authenticate the artifact first."""
-
-    @functools.wraps(fn)
-    def wrapper(self, artifact, key, *args, **kwargs):
-        self.open(artifact, key)
-        return fn(self, artifact, key, *args, **kwargs)
-
-    wrapper._keyed = True
-    return wrapper
-
-
-def _keyed_after_model(fn):
-    """Wrap ``fn(self, model, artifact, key, ...)`` (``authorize``): authenticate the artifact first."""
-
-    @functools.wraps(fn)
-    def wrapper(self, model, artifact, key, *args, **kwargs):
-        self.open(artifact, key)
-        return fn(self, model, artifact, key, *args, **kwargs)
-
-    wrapper._keyed = True
-    return wrapper
-
-
-def _integrity_checked(fn):
-    @functools.wraps(fn)
-    def wrapper(self, artifact, *args, **kwargs):
-        self.check_artifact(artifact)
-        artifact.check_integrity()
-        return fn(self, artifact, *args, **kwargs)
-
-    wrapper._keyed = True
-    return wrapper
-
-
-def _sealed(fn):
-    @functools.wraps(fn)
-    def wrapper(self, model, ctx, key, *args, **kwargs):
-        artifact = fn(self, model, ctx, key, *args, **kwargs)
-        if not isinstance(artifact, Artifact):
-            raise TypeError(f"protector {self.name!r}: {fn.__name__} must return an Artifact, got {artifact!r}")
-        if artifact.meta.get("protector") != self.name:
-            raise TypeError(f"protector {self.name!r}: its artifact says protector {artifact.meta.get('protector')!r}")
-        artifact.seal(key)
-        if self.secret_kind != "none" and self.secret_bytes(artifact) <= 0:
-            raise TypeError(f"protector {self.name!r} declares secret kind {self.secret_kind!r} but its artifact "
-                            "holds no secret bytes (encrypt the secret with Artifact.put_encrypted, or override "
-                            "secret_bytes)")
-        return artifact
-
-    wrapper._keyed = True
-    return wrapper
-
-
-_WRAPPERS = {"deploy": _keyed, "authorize": _keyed_after_model, "compare_secret": _keyed, "onnx_build": _keyed,
-             "onnx_load": _keyed, "stolen": _integrity_checked, "protect": _sealed, "protect_for_latency": _sealed}
+#: the public entry points, fixed by this base class; a plugin writes the same names with a leading underscore
+TEMPLATE_METHODS = ("protect", "protect_for_latency", "deploy", "stolen", "authorize", "compare_secret",
+                    "onnx_build", "onnx_load")
 
 
 class Protector(Configurable, ABC):
@@ -212,10 +161,15 @@ class Protector(Configurable, ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for name, wrap in _WRAPPERS.items():
-            fn = cls.__dict__.get(name)
-            if fn is not None and not getattr(fn, "_keyed", False):
-                setattr(cls, name, wrap(fn))
+        # The public entry points are template methods: they authenticate, then call the plugin's ``_name``. A
+        # class anywhere in the hierarchy (a mixin included) that redefines one would skip the check: refused.
+        for klass in cls.__mro__:
+            if klass is Protector or klass is object:
+                continue
+            for name in TEMPLATE_METHODS:
+                if name in klass.__dict__:
+                    raise TypeError(f"{cls.__name__}: {klass.__name__} defines {name!r}, which the Protector base "
+                                    f"class owns (it authenticates the artifact first); write _{name} instead")
         if "secret_kind" in cls.__dict__ and not isinstance(cls.secret_kind, str):
             raise TypeError(f"{cls.__name__}.secret_kind must be a string")
 
@@ -269,22 +223,81 @@ class Protector(Configurable, ABC):
         """Parameters written in plaintext metadata (override to keep secret ones out)."""
         return self.param_dict()
 
+    # -- the public entry points (template methods: checks first, then the plugin's own ``_name``) ---------------
+    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        """Build the deployable artifact from a normally trained ``model``, sealed with ``key``."""
+        return self._seal(self._protect(model, ctx, key), key, "_protect")
+
+    def protect_for_latency(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        """An artifact with the same layout and sizes as :meth:`protect`, for latency only, sealed with ``key``."""
+        return self._seal(self._protect_for_latency(model, ctx, key), key, "_protect_for_latency")
+
+    def deploy(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str | None = None) -> nn.Module:
+        """The authorized device's model (eval mode): the artifact is authenticated under ``key`` first."""
+        self.open(artifact, key)
+        return self._deploy(artifact, key, model_factory, mode)
+
+    def stolen(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
+        """What a thief holding the artifact but not the key can run (the files' hashes are checked first)."""
+        self.check_artifact(artifact)
+        artifact.check_integrity()
+        return self._stolen(artifact, model_factory)
+
+    def authorize(self, model: nn.Module, artifact: Artifact, key: bytes,
+                  pruned: Pruned | None = None) -> nn.Module | None:
+        """The real secret applied to an attacked copy (the artifact is authenticated under ``key`` first)."""
+        self.open(artifact, key)
+        return self._authorize(model, artifact, key, pruned)
+
+    def compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:
+        """How close an attacker's ``guess`` of the secret is to the real one (reporting only)."""
+        self.open(artifact, key)
+        return self._compare_secret(artifact, key, guess)
+
+    def onnx_build(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str,
+                   example: torch.Tensor) -> None:
+        """Add the files a device needs to run ``mode`` on ONNX Runtime (the harness seals the artifact again)."""
+        self.open(artifact, key)
+        self._onnx_build(artifact, key, model_factory, mode, example)
+
+    def onnx_load(self, artifact: Artifact, key: bytes, mode: str, threads: int = 1) -> OnnxRunner:
+        """Cold start on ONNX Runtime for the files :meth:`onnx_build` made; returns ``run(x)``."""
+        self.open(artifact, key)
+        return self._onnx_load(artifact, key, mode, threads)
+
+    def _seal(self, artifact: Any, key: bytes, made_by: str) -> Artifact:
+        if not isinstance(artifact, Artifact):
+            raise TypeError(f"protector {self.name!r}: {made_by} must return an Artifact, got {artifact!r}")
+        if artifact.meta.get("protector") != self.name:
+            raise TypeError(f"protector {self.name!r}: its artifact says protector {artifact.meta.get('protector')!r}")
+        try:
+            kinds.check_public_meta(self.secret_kind, artifact.meta)
+        except ValueError as exc:
+            raise TypeError(f"protector {self.name!r}: {exc}") from None
+        artifact.seal(key)
+        if self.secret_kind != "none" and self.secret_bytes(artifact) <= 0:
+            raise TypeError(f"protector {self.name!r} declares secret kind {self.secret_kind!r} but its artifact "
+                            "holds no secret bytes (encrypt the secret with Artifact.put_encrypted, or override "
+                            "secret_bytes)")
+        return artifact
+
     # -- what every protector writes -----------------------------------------------------------------------------
     @abstractmethod
-    def protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
-        """Build the deployable artifact from a normally trained ``model`` (sealed with ``key`` on return)."""
+    def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        """Build the deployable artifact from a normally trained ``model`` (sealed by :meth:`protect`)."""
 
     @abstractmethod
-    def deploy(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str | None = None) -> nn.Module:
-        """The authorized device's model (eval mode), ready for inference."""
+    def _deploy(self, artifact: Artifact, key: bytes, model_factory: ModelFactory,
+                mode: str | None = None) -> nn.Module:
+        """The authorized device's model (eval mode), ready for inference; the artifact is authenticated."""
 
     @abstractmethod
-    def stolen(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
+    def _stolen(self, artifact: Artifact, model_factory: ModelFactory) -> nn.Module:
         """What a thief holding the artifact but not the key can run (eval mode)."""
 
     @abstractmethod
-    def authorize(self, model: nn.Module, artifact: Artifact, key: bytes,
-                  pruned: Pruned | None = None) -> nn.Module | None:
+    def _authorize(self, model: nn.Module, artifact: Artifact, key: bytes,
+                   pruned: Pruned | None = None) -> nn.Module | None:
         """Apply the secret to an attacked copy (same architecture, maybe fine-tuned or structurally pruned).
 
         ``pruned`` says which output channels of which modules survived structured pruning, so a per-neuron secret
@@ -304,33 +317,24 @@ class Protector(Configurable, ABC):
             return float(artifact.meta["keyspace_bits"])
         return 0.0 if self.secret_kind == "none" else 256.0
 
-    def compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:
-        """How close an attacker's ``guess`` of the secret is to the real one (reporting only)."""
+    def _compare_secret(self, artifact: Artifact, key: bytes, guess: Any) -> dict[str, Any]:
         return {}
 
-    def protect_for_latency(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
-        """An artifact with the same layout and sizes as :meth:`protect`, for latency only.
+    def _protect_for_latency(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        """Default: :meth:`_protect` itself, with the :func:`latency_context` the harness passes (synthetic data, a
+        trainer that trains nothing). Override when protecting is slow even without training."""
+        return self._protect(model, ctx, key)
 
-        The harness passes a :func:`latency_context` (synthetic data, a trainer that trains nothing), so the
-        default, :meth:`protect` itself, needs no dataset. Override when protecting is slow even without training.
-        """
-        return self.protect(model, ctx, key)
-
-    def onnx_build(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str,
-                   example: torch.Tensor) -> None:
-        """Add to ``artifact`` (:meth:`Artifact.put`, :meth:`Artifact.put_encrypted`) the files a device needs to
-        run ``mode`` on ONNX Runtime; the harness seals the artifact again afterwards.
-
-        Default: the authorized model exported whole, encrypted with AES-GCM, decrypted at load (no cost per
+    def _onnx_build(self, artifact: Artifact, key: bytes, model_factory: ModelFactory, mode: str,
+                    example: torch.Tensor) -> None:
+        """Default: the authorized model exported whole, encrypted with AES-GCM, decrypted at load (no cost per
         inference; the secret is exposed in memory like AES's decrypt-at-load). Raise
-        :class:`~protectors.onnx_runtime.NotSupported` with the reason where a mode has no ONNX deployment.
-        """
+        :class:`~protectors.core.errors.NotApplicable` with the reason where a mode has no ONNX deployment."""
         from . import onnx_runtime
 
         onnx_runtime.sealed_graph(self.deploy(artifact, key, model_factory, mode), example, artifact, key)
 
-    def onnx_load(self, artifact: Artifact, key: bytes, mode: str, threads: int = 1) -> OnnxRunner:
-        """Cold start on ONNX Runtime for the files :meth:`onnx_build` made; returns ``run(x)``."""
+    def _onnx_load(self, artifact: Artifact, key: bytes, mode: str, threads: int = 1) -> OnnxRunner:
         from . import onnx_runtime
 
         return onnx_runtime.load_sealed_graph(artifact, key, threads)

@@ -131,7 +131,7 @@ class _MaskInputs(nn.Module):
 
 
 def put_masked_graph(artifact: Artifact, model: nn.Module, example: torch.Tensor) -> None:
-    """Add ``model`` (with :class:`~protectors.lock.MaskedSite` sites installed) exported with every site's mask a
+    """Add ``model`` (with :class:`~protectors.core.lock.MaskedSite` sites installed) exported with every site's mask a
     graph input: the secret masks are never in the file; :func:`load_masked_graph` feeds them at load."""
     from .lock import sites_of
 
