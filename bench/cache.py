@@ -29,8 +29,8 @@ from protectors.core.atomic import atomic_write_bytes
 from protectors.core.errors import BenchError
 from protectors.core.hashing import config_hash
 
-#: bump when what is cached changes format (v3: authenticated artifacts, data digests, plugin identities in keys)
-CACHE_VERSION = 3
+#: bump when what is cached changes format (v4: artifacts name their cell; code digests of the training loop in keys)
+CACHE_VERSION = 4
 
 
 class CacheWarning(UserWarning):
@@ -115,25 +115,34 @@ class Cache:
             atomic_write_bytes(path, model_bytes(model))
         return model.eval()
 
-    def _read_artifact(self, path: Path) -> Artifact | None:
+    def _read_artifact(self, path: Path, cell: str) -> Artifact | None:
         if not path.exists():
             return None
         try:
             artifact = Artifact.load(path)
             artifact.verify(self.key)
-            return artifact
         except BenchError as exc:
             self._damaged(path, str(exc).removeprefix(f"{path}").lstrip("/: ")[:160])
             return None
+        if artifact.meta.get("cell") != cell:
+            self._damaged(path, f"a genuine artifact, but built for cell {artifact.meta.get('cell')!r}, not {cell!r}")
+            return None
+        return artifact
 
     def artifact(self, key: dict[str, Any], make: Callable[[], Artifact]) -> Artifact:
-        """The artifact ``make()`` builds (sealed with the cache's key), from the cache when it is there and
-        authentic."""
-        path = self.root / "artifacts" / self._hash(key)
+        """The artifact ``make()`` builds (sealed with the cache's key), from the cache when it is there, authentic
+        and built for this very cell.
+
+        The cell's hash goes into the artifact's authenticated metadata (``cell``), so a directory replaced by another
+        genuine artifact under the same key (an older build, or another cell's) is refused and rebuilt."""
+        cell = self._hash(key)
+        path = self.root / "artifacts" / cell
         with self._locked(path):
-            artifact = self._read_artifact(path)
+            artifact = self._read_artifact(path, cell)
             if artifact is None:
                 artifact = make()
+                artifact.meta["cell"] = cell
+                artifact.seal(self.key)
                 artifact.save(path)
         return artifact
 

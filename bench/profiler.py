@@ -37,8 +37,8 @@ import protectors
 from protectors.core.artifact import Artifact
 from protectors.core.base import latency_context
 from protectors.core.crypto import GcmDecryptor, encrypt, key_id, parse_key, secret_seed
+from protectors.core.errors import NotApplicable
 from protectors.core.hashing import canonical_json
-from protectors.core.onnx_runtime import NotSupported
 
 from . import models
 from .config import ProfileConfig
@@ -232,12 +232,13 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
         def make(spec=spec, mode=mode, key=key) -> Artifact:
             protector = protectors.get(spec.name, **spec.params)
             example = torch.zeros(1, *shape)
-            ctx = latency_context(factory, example, 10, secret_seed(runner.key, canonical_json(key)))
+            ctx = latency_context(factory, example, 10,
+                                  secret_seed(runner.key, canonical_json({**key, "protector": spec.key()})))
             artifact = protector.protect_for_latency(factory(), ctx, runner.key)
             if onnx:
                 try:
                     protector.onnx_build(artifact, runner.key, factory, mode, example)
-                except (NotSupported, protectors.ConfigError) as exc:
+                except NotApplicable as exc:
                     artifact.meta["onnx_unsupported"] = str(exc)  # the ONNX target reports it as n/a
                 artifact.seal(runner.key)
             return artifact

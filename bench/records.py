@@ -28,9 +28,9 @@ SUPERSEDED = "superseded"
 
 
 def _without_code(cell: Any) -> Any:
-    """A cell without its plugins' identities (module, version, code digest): what it computes, not with what."""
+    """A cell without its plugins' identities and the harness's code digest: what it computes, not with what."""
     if isinstance(cell, dict):
-        return {k: _without_code(v) for k, v in cell.items() if k != "plugin"}
+        return {k: _without_code(v) for k, v in cell.items() if k not in ("plugin", "code")}
     return cell
 
 

@@ -22,8 +22,9 @@ from attacks import attacks as attack_registry
 from protectors.core.artifact import Artifact
 from protectors.core.base import PluginContext, Protector
 from protectors.core.crypto import create_key_file, key_id, load_key, secret_seed
+from protectors.core.errors import NotApplicable
 from protectors.core.hashing import canonical_json
-from protectors.core.identity import plugin_identity
+from protectors.core.identity import code_digest, plugin_identity
 from protectors.core.sampling import stratified_subset
 from protectors.core.seeding import seed_everything, stream_seed
 
@@ -37,6 +38,9 @@ CALIB_SIZE = 200
 #: intra-op threads for every accuracy cell, on every executor: the float arithmetic of training depends on the thread
 #: count, so pinning it makes serial, ``--workers`` and cluster runs (and machines with other core counts) agree
 CELL_THREADS = 1
+#: the harness modules a trained model depends on (with what they import from the repository): editing them
+#: retrains the clean and scratch models and recomputes every cell
+TRAINING_CODE = ("bench.training", "bench.models", "bench.data")
 
 
 def train_key(train) -> dict[str, Any]:
@@ -65,10 +69,15 @@ class Workbench:
         return self.splits.info
 
     @functools.cached_property
-    def base_key(self) -> dict[str, Any]:
-        """What every cached model of this workbench depends on, the digest of the data actually loaded included."""
+    def config_key(self) -> dict[str, Any]:
+        """What this workbench computes: the config and the digest of the data actually loaded (no code)."""
         return {"dataset": self.dataset, "data": self.splits.digest, "model": self.model_name, "seed": self.seed,
                 "train": train_key(self.train_cfg), "train_subset": self.exp.train_subset}
+
+    @functools.cached_property
+    def base_key(self) -> dict[str, Any]:
+        """What every cached model of this workbench depends on: the config, the data, and the training code."""
+        return {**self.config_key, "code": code_digest(*TRAINING_CODE)}
 
     def factory(self, init_seed: int | None = None):
         i = self.info
@@ -93,8 +102,9 @@ class Workbench:
         """One instance of the architecture, for what the model declares (lock sites, foldable producers)."""
         return self.factory()()
 
-    def context(self, cache_key: dict[str, Any]) -> PluginContext:
-        """The protector's context; its secret seed comes from the device key and the artifact's cache key."""
+    def context(self, secret_key: dict[str, Any]) -> PluginContext:
+        """The protector's context; its secret seed comes from the device key and ``secret_key`` (the config and the
+        seed, never a code digest: editing a plugin does not draw it a new secret)."""
         s = self.splits
         calib_x, calib_y = stratified_subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)),
                                              stream_seed(self.seed, "device/calib"))
@@ -103,7 +113,7 @@ class Workbench:
             train_loader=self.loader(s.train_x, s.train_y, stream_seed(self.seed, "device/shuffle")),
             calib_x=calib_x, calib_y=calib_y, num_classes=self.info.num_classes, epochs=self.train_cfg.epochs,
             lock_sites=tuple(getattr(self.probe, "lock_sites", ())), device=self.trainer.device, seed=self.seed,
-            secret_seed=secret_seed(self.runner.key, canonical_json(cache_key)), example_input=s.train_x[:1])
+            secret_seed=secret_seed(self.runner.key, canonical_json(secret_key)), example_input=s.train_x[:1])
 
     def artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
         """The protector and its artifact for ``spec``, read from the cache once per workbench."""
@@ -115,10 +125,11 @@ class Workbench:
         protector = protectors.get(spec.name, **spec.params)
         key = {"kind": "artifact", **self.base_key, "protector": self.runner.plugin_key(spec),
                "key_id": key_id(self.runner.key)}
+        secret_key = {"kind": "artifact", **self.config_key, "protector": spec.key(), "key_id": key_id(self.runner.key)}
 
         def make() -> Artifact:
             seed_everything(self.seed)
-            return protector.protect(self.clean, self.context(key), self.runner.key)
+            return protector.protect(self.clean, self.context(secret_key), self.runner.key)
 
         return protector, self.runner.cache.artifact(key, make)
 
@@ -195,7 +206,7 @@ class Runner:
         for exp in cfg.experiments:
             for seed in cfg.seeds:
                 base = {"dataset": exp.dataset, "model": exp.model, "seed": seed, "train": train_key(exp.train),
-                        "train_subset": exp.train_subset}
+                        "train_subset": exp.train_subset, "code": code_digest(*TRAINING_CODE)}
                 if exp.regime:  # only when [train] sweeps, so the cells of other configs keep their hashes
                     base["regime"] = exp.regime
                 for p in cfg.protectors:
@@ -292,7 +303,7 @@ class Runner:
         try:
             authorized = protector.authorize(o.model, artifact, self.key, pruned=o.pruned)
             auth_after = ctx.evaluate(authorized) if authorized is not None else None
-        except (RuntimeError, protectors.BenchError) as exc:
+        except NotApplicable as exc:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
         if o.guess is not None:
             extra.update(protector.compare_secret(artifact, self.key, o.guess))

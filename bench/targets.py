@@ -15,7 +15,7 @@ import torch
 
 from protectors.core.artifact import Artifact
 from protectors.core.base import ModelFactory, Protector
-from protectors.core.onnx_runtime import NotSupported
+from protectors.core.errors import NotApplicable
 from protectors.core.registry import Registry
 
 #: OpenSSL capability mask clearing AES-NI and PCLMULQDQ (leaf 1 ECX bits 25 and 1) and VAES/VPCLMULQDQ (leaf 7
@@ -127,10 +127,11 @@ class OnnxRuntimeCpu1t(Target):
         return np.ascontiguousarray(x.numpy())
 
     def load(self, protector, artifact, key, factory, mode):
+        protector.open(artifact, key)  # no metadata field is acted on before authentication
         why = artifact.meta.get("onnx_unsupported")  # onnx_build said so when the deployment was built
         if why:
             raise NotImplementedError(why if why.startswith("n/a") else f"n/a: {why}")
         try:
             return protector.onnx_load(artifact, key, mode, threads=1)
-        except NotSupported as exc:
+        except NotApplicable as exc:
             raise NotImplementedError(str(exc)) from None

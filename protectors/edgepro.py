@@ -37,7 +37,7 @@ from torch import nn
 from .core import lock, onnx_runtime
 from .core.artifact import Artifact
 from .core.base import PluginContext, Protector
-from .core.errors import ArtifactError, ConfigError
+from .core.errors import ArtifactError, ConfigError, NotApplicable
 from .core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
 from .core.registry_instance import protectors
 from .core.seeding import torch_generator
@@ -104,10 +104,10 @@ def fold_masks(password: Password, producers: dict[str, str]) -> dict[str, torch
     out = {}
     for site in password.neurons:
         if site not in producers:
-            raise ConfigError(f"edgepro fold mode: site {site!r} has no foldable producer in this model")
+            raise NotApplicable(f"edgepro fold mode: site {site!r} has no foldable producer in this model")
         m = password.mask(site)
         if (m < 0).any():
-            raise ConfigError("edgepro fold mode needs lock_value >= 0 and scale >= 0")
+            raise NotApplicable("edgepro fold mode needs lock_value >= 0 and scale >= 0")
         out[producers[site]] = m
     return out
 

@@ -1,6 +1,7 @@
 """The cache heals itself (a damaged entry is reported once and rebuilt) and is safe to share between processes."""
 
 import multiprocessing as mp
+import shutil
 import time
 import warnings
 
@@ -55,9 +56,9 @@ def test_damaged_or_foreign_artifact_entry_is_rebuilt(tmp_path, clean_lenet, ctx
     p = protectors.get("aes")
     made = []
 
-    def make():
+    def make(key=KEY):
         made.append(1)
-        return p.protect(clean_lenet, ctx, KEY)
+        return p.protect(clean_lenet, ctx, key)
 
     cache.artifact({"a": 1}, make)
     path = next(d for d in (tmp_path / "artifacts").iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -66,7 +67,29 @@ def test_damaged_or_foreign_artifact_entry_is_rebuilt(tmp_path, clean_lenet, ctx
         cache.artifact({"a": 1}, make)
     # An entry made under another key is not trusted either.
     with pytest.warns(CacheWarning, match="wrong key"):
-        Cache(tmp_path, bytes(range(1, 33))).artifact({"a": 1}, make)
+        Cache(tmp_path, bytes(range(1, 33))).artifact({"a": 1}, lambda: make(bytes(range(1, 33))))
+    assert len(made) == 3
+
+
+def test_a_genuine_artifact_of_another_cell_swapped_in_is_refused(tmp_path, clean_lenet, ctx):
+    """Rolling an entry back to another genuine artifact under the same key (an older build, or another cell's) is
+    caught: the artifact's authenticated metadata names the cell it was built for."""
+    cache = Cache(tmp_path, KEY)
+    p = protectors.get("none")
+    made = []
+
+    def make():
+        made.append(1)
+        return p.protect(clean_lenet, ctx, KEY)
+
+    cache.artifact({"cell": "a"}, make)
+    cache.artifact({"cell": "b"}, make)
+    root = tmp_path / "artifacts"
+    a, b = (root / cache._hash({"cell": "a"})), (root / cache._hash({"cell": "b"}))
+    shutil.rmtree(a)
+    shutil.copytree(b, a)
+    with pytest.warns(CacheWarning, match="built for cell"):
+        cache.artifact({"cell": "a"}, make)
     assert len(made) == 3
 
 

@@ -37,3 +37,8 @@ class KeyMaterialError(BenchError):
 
 class UnknownNameError(ConfigError):
     """A registry lookup for a name that is not registered."""
+
+
+class NotApplicable(BenchError):
+    """This plugin, mode or target does not apply here (a protector's mode with no ONNX deployment, an attack that
+    needs what the run does not grant); the message says why and is shown in the table's row instead of a number."""

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import NotApplicable
+
 if TYPE_CHECKING:
     from .artifact import Artifact
     from .base import OnnxRunner
@@ -25,8 +27,9 @@ MASKED = "model.onnx"
 MASK_SITES = "graph_inputs.txt"
 
 
-class NotSupported(Exception):
-    """This protector/mode has no ONNX deployment; the message says why (shown in the overhead table)."""
+#: a protector/mode with no ONNX deployment raises :class:`~protectors.core.errors.NotApplicable` (this name is the
+#: same class, kept for plugins written against earlier releases)
+NotSupported = NotApplicable
 
 
 def export(module: nn.Module, x: torch.Tensor, rest: list[torch.Tensor] | None = None) -> bytes:
