@@ -1,10 +1,8 @@
-"""Model architectures, each declaring its default EdgePro lock sites.
+"""Model architectures, each registered with its model card (:class:`~protectors.core.model_card.ModelCard`).
 
-A model built here carries three attributes the protectors rely on (they never import this module):
-
-- ``spec`` — how to rebuild it (name, input channels, image size, classes);
-- ``lock_sites`` — the named modules at every hidden activation (EdgePro's default sites);
-- ``fold_producers`` — for sites where a lock can be folded into the layer before it, that layer's name.
+The card is what protectors and the profiler read (they never import this module): the input shape and classes,
+the named modules at every hidden activation (the default lock sites), and, for sites where a lock can be folded
+into the layer before it, that layer's name. :func:`factory` returns a builder that carries its card.
 
 Input size: LeNet-5's first convolution is padded by 2, as usual for 28×28 MNIST. Its second convolution is
 unpadded when its input is at least 10×10 (MNIST: 14×14 → 10×10 → 5×5, the paper's 400-feature classifier);
@@ -14,21 +12,49 @@ layer and neuron counts (6, 16, 120, 84) on every dataset instead of upsampling 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from protectors.core.model_card import CardedFactory, ModelCard
 from protectors.core.registry import Registry
 
 models: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-def _declare(model: nn.Module, spec: dict, sites: tuple[str, ...], producers: dict[str, str]) -> nn.Module:
-    model.spec = spec
-    model.lock_sites = sites
-    model.fold_producers = producers
-    return model
+@dataclass(frozen=True)
+class _CardTemplate:
+    default_input: tuple[int, int, int]
+    lock_sites: tuple[str, ...]
+    fold_producers: tuple[tuple[str, str], ...]
+
+
+_CARDS: dict[str, _CardTemplate] = {}
+#: classes a model card assumes when none is given (the profiler's synthetic models)
+DEFAULT_CLASSES = 10
+
+
+def model(name: str, default_input: tuple[int, int, int], lock_sites: tuple[str, ...],
+          fold_producers: dict[str, str] | None = None):
+    """Register a builder ``(in_channels, image_size, num_classes) -> nn.Module`` with its card's declarations."""
+
+    def deco(builder):
+        _CARDS[name] = _CardTemplate(tuple(default_input), tuple(lock_sites), tuple((fold_producers or {}).items()))
+        return models.register(name)(builder)
+
+    return deco
+
+
+def card(name: str, in_channels: int | None = None, image_size: int | None = None,
+         num_classes: int = DEFAULT_CLASSES) -> ModelCard:
+    """The card of model ``name`` at an input size (default: the model's own default input)."""
+    models.get(name)  # a "did you mean" error for an unknown name
+    t = _CARDS[name]
+    return ModelCard(name, t.default_input[0] if in_channels is None else in_channels,
+                     t.default_input[1] if image_size is None else image_size, num_classes, t.lock_sites,
+                     t.fold_producers)
 
 
 class LeNet5(nn.Module):
@@ -57,11 +83,10 @@ class LeNet5(nn.Module):
         return self.fc3(self.relu4(self.fc2(x)))
 
 
-@models.register("lenet5")
+@model("lenet5", (1, 28, 28), ("relu1", "relu2", "relu3", "relu4"),
+       {"relu1": "conv1", "relu2": "conv2", "relu3": "fc1", "relu4": "fc2"})
 def lenet5(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> nn.Module:
-    spec = {"name": "lenet5", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
-    return _declare(LeNet5(in_channels, image_size, num_classes), spec, ("relu1", "relu2", "relu3", "relu4"),
-                    {"relu1": "conv1", "relu2": "conv2", "relu3": "fc1", "relu4": "fc2"})
+    return LeNet5(in_channels, image_size, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -101,11 +126,9 @@ class ResNet18(nn.Module):
         return self.fc(self.pool(x))
 
 
-@models.register("resnet18")
+@model("resnet18", (3, 32, 32), ("stem", "layer1", "layer2", "layer3", "layer4", "pool"), {"stem": "stem.1"})
 def resnet18(in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> nn.Module:
-    spec = {"name": "resnet18", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
-    return _declare(ResNet18(in_channels, num_classes), spec,
-                    ("stem", "layer1", "layer2", "layer3", "layer4", "pool"), {"stem": "stem.1"})
+    return ResNet18(in_channels, num_classes)
 
 
 class _Pooled(nn.Module):
@@ -132,16 +155,15 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@models.register("mobilenetv2")
+@model("mobilenetv2", (3, 32, 32),
+       ("features.0", "features.3", "features.6", "features.13", "features.17", "features.18", "pool"))
 def mobilenetv2(in_channels: int = 3, image_size: int = 32, num_classes: int = 10) -> nn.Module:
     """torchvision's MobileNetV2 (no pretrained weights); sites after the stem, each resolution stage, the pool."""
-    spec = {"name": "mobilenetv2", "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
-    sites = ("features.0", "features.3", "features.6", "features.13", "features.17", "features.18", "pool")
-    return _declare(MobileNetV2(in_channels, num_classes), spec, sites, {})
+    return MobileNetV2(in_channels, num_classes)
 
 
-def factory(name: str, in_channels: int, image_size: int, num_classes: int, seed: int) -> Callable[[], nn.Module]:
-    """A zero-argument builder whose random initialization is fixed by ``seed``."""
+def factory(name: str, in_channels: int, image_size: int, num_classes: int, seed: int) -> CardedFactory:
+    """A zero-argument builder whose random initialization is fixed by ``seed``; it carries the model's card."""
     builder = models.get(name)
 
     def make() -> nn.Module:
@@ -149,4 +171,4 @@ def factory(name: str, in_channels: int, image_size: int, num_classes: int, seed
             torch.manual_seed(seed)
             return builder(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
 
-    return make
+    return CardedFactory(make, card(name, in_channels, image_size, num_classes))

@@ -45,15 +45,15 @@ from .config import ProfileConfig
 from .targets import targets
 
 #: input shapes the profiler uses per model (MNIST-sized for LeNet-5, CIFAR-sized for the others)
-INPUT = {"lenet5": (1, 28, 28), "resnet18": (3, 32, 32), "mobilenetv2": (3, 32, 32)}
 PROFILE_SEED = 0
 BASELINE = "none|default"
 #: measure until every overhead ratio's 95% bootstrap interval is within ±1% of it, or this many seconds
 CI_TARGET = 0.01
 
 
-def input_shape(model: str) -> tuple[int, int, int]:
-    return INPUT.get(model, (3, 32, 32))
+def profile_card(model: str):
+    """The card of the model as profiled: its default input, the card's default number of classes."""
+    return models.card(model)
 
 
 def gcm_gbps(nbytes: int = 16 << 20, reps: int = 5) -> float:
@@ -221,8 +221,9 @@ def _variants(runner) -> list[tuple[str, Any, str]]:
 
 def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str, Any]]:
     """Artifacts (and ONNX files) for every variant of ``model_name``, cached by what determines them."""
-    shape = input_shape(model_name)
-    factory = models.factory(model_name, shape[0], shape[1], 10, PROFILE_SEED)
+    card = profile_card(model_name)
+    shape = card.input_shape
+    factory = models.factory(model_name, card.in_channels, card.image_size, card.num_classes, PROFILE_SEED)
     out = {}
     for label, spec, mode in _variants(runner):
         vid = f"{label}|{mode}"
@@ -232,7 +233,7 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
         def make(spec=spec, mode=mode, key=key) -> Artifact:
             protector = protectors.get(spec.name, **spec.params)
             example = torch.zeros(1, *shape)
-            ctx = latency_context(factory, example, 10,
+            ctx = latency_context(factory, example, card.num_classes,
                                   secret_seed(runner.key, canonical_json({**key, "protector": spec.key()})))
             artifact = protector.protect_for_latency(factory(), ctx, runner.key)
             if onnx:
@@ -252,9 +253,7 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
 def run_target(runner, model_name: str, target_name: str, variants: dict[str, dict]) -> dict[str, Any]:
     """Run one (model, target) job in a child process; return its parsed JSON output."""
     target = targets.get(target_name)()
-    shape = input_shape(model_name)
-    job = {"target": target_name, "profile": asdict(runner.cfg.profile),
-           "model_spec": {"name": model_name, "in_channels": shape[0], "image_size": shape[1], "num_classes": 10},
+    job = {"target": target_name, "profile": asdict(runner.cfg.profile), "model_spec": profile_card(model_name).spec(),
            "variants": [{k: v for k, v in var.items() if k != "spec"} for var in variants.values()],
            "gcm_probe": bool(target.env)}
     env = {**os.environ, **target.env, "PYTHONWARNINGS": "ignore"}

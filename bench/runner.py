@@ -25,6 +25,7 @@ from protectors.core.crypto import create_key_file, key_id, load_key, secret_see
 from protectors.core.errors import NotApplicable
 from protectors.core.hashing import canonical_json
 from protectors.core.identity import code_digest, plugin_identity
+from protectors.core.model_card import ModelCard
 from protectors.core.sampling import stratified_subset
 from protectors.core.seeding import seed_everything, stream_seed
 
@@ -97,10 +98,10 @@ class Workbench:
 
         return self.runner.cache.model({"kind": "clean", **self.base_key}, self.factory(), train)
 
-    @functools.cached_property
-    def probe(self) -> torch.nn.Module:
-        """One instance of the architecture, for what the model declares (lock sites, foldable producers)."""
-        return self.factory()()
+    @property
+    def card(self) -> ModelCard:
+        """What the model declares (input shape, classes, lock sites, foldable producers)."""
+        return self.factory().card
 
     def context(self, secret_key: dict[str, Any]) -> PluginContext:
         """The protector's context; its secret seed comes from the device key and ``secret_key`` (the config and the
@@ -112,7 +113,7 @@ class Workbench:
             model_factory=self.factory(), trainer=self.trainer,
             train_loader=self.loader(s.train_x, s.train_y, stream_seed(self.seed, "device/shuffle")),
             calib_x=calib_x, calib_y=calib_y, num_classes=self.info.num_classes, epochs=self.train_cfg.epochs,
-            lock_sites=tuple(getattr(self.probe, "lock_sites", ())), device=self.trainer.device, seed=self.seed,
+            lock_sites=self.card.lock_sites, device=self.trainer.device, seed=self.seed,
             secret_seed=secret_seed(self.runner.key, canonical_json(secret_key)), example_input=s.train_x[:1])
 
     def artifact(self, spec: PluginSpec) -> tuple[Protector, Artifact]:
@@ -170,7 +171,7 @@ class Workbench:
         s = self.splits
         return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
                             test_y=s.test_y, num_classes=self.info.num_classes,
-                            lock_sites=tuple(getattr(self.probe, "lock_sites", ())), seed=seed)
+                            lock_sites=self.card.lock_sites, seed=seed)
 
 
 class Runner:

@@ -39,6 +39,7 @@ from .core.artifact import Artifact
 from .core.base import PluginContext, Protector
 from .core.errors import ArtifactError, ConfigError, NotApplicable
 from .core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
+from .core.model_card import card_of
 from .core.registry_instance import protectors
 from .core.seeding import torch_generator
 from .core.weights import WEIGHTS, load_weights, state_bytes
@@ -123,6 +124,12 @@ def fold_password(model: nn.Module, password: Password, producers: dict[str, str
     return model
 
 
+def producers_of(model_factory) -> dict[str, str]:
+    """The model card's foldable producers (site → layer); none for a model without a card."""
+    card = card_of(model_factory)
+    return card.producers if card is not None else {}
+
+
 @protectors.register()
 class EdgeProProtector(Protector):
     """EdgePro neuron authorization; see the module docstring."""
@@ -173,7 +180,7 @@ class EdgeProProtector(Protector):
         password = self.password(artifact, key)
         model = load_weights(artifact, model_factory)
         if mode == "fold":
-            return fold_password(model, password, getattr(model, "fold_producers", {}))
+            return fold_password(model, password, producers_of(model_factory))
         try:
             return lock.install_fixed(model, password.masks()).eval()
         except KeyError as exc:
@@ -200,9 +207,10 @@ class EdgeProProtector(Protector):
         mode = self.check_mode(mode)
         if mode == "fold":
             model = load_weights(artifact, model_factory)
-            fold_masks(self.password(artifact, key), getattr(model, "fold_producers", {}))  # foldable at all?
+            producers = producers_of(model_factory)
+            fold_masks(self.password(artifact, key), producers)  # foldable at all?
             artifact.put(ONNX, onnx_runtime.export(model, example))
-            artifact.put(FOLD_PRODUCERS, json.dumps(getattr(model, "fold_producers", {})).encode())
+            artifact.put(FOLD_PRODUCERS, json.dumps(producers).encode())
             return
         onnx_runtime.put_masked_graph(artifact, self.deploy(artifact, key, model_factory, "mask"), example)
 

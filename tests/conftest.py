@@ -36,11 +36,10 @@ def clean_lenet(digits, lenet_factory, trainer):
 
 
 def make_context(splits, factory, trainer, epochs=40, seed=0, secret_seed=12345):
-    probe = factory()
     return PluginContext(model_factory=factory, trainer=trainer,
                          train_loader=data.BatchLoader(splits.train_x, splits.train_y, 32, seed + 1),
                          calib_x=splits.train_x[:200], calib_y=splits.train_y[:200],
-                         num_classes=splits.info.num_classes, epochs=epochs, lock_sites=tuple(probe.lock_sites),
+                         num_classes=splits.info.num_classes, epochs=epochs, lock_sites=factory.card.lock_sites,
                          device=torch.device("cpu"), seed=seed, secret_seed=secret_seed,
                          example_input=splits.train_x[:1])
 

@@ -60,7 +60,7 @@ def test_edgepro_lock_training_runs_on_the_device(device, name, channels, size):
     probe = factory()
     trainer = Trainer(TrainConfig(epochs=2, batch_size=10, lr=0.05), device=device, progress=False)
     ctx = PluginContext(model_factory=factory, trainer=trainer, train_loader=[(x, y)], calib_x=x, calib_y=y,
-                        num_classes=10, epochs=2, lock_sites=tuple(probe.lock_sites), device=torch.device(device),
+                        num_classes=10, epochs=2, lock_sites=factory.card.lock_sites, device=torch.device(device),
                         seed=0, secret_seed=1234, example_input=x[:1])
     protector = EdgeProProtector()
     password = protector.choose_password(probe.eval(), ctx)

@@ -41,6 +41,7 @@ from torch import nn
 from . import kinds
 from .artifact import Artifact
 from .errors import ArtifactError, ConfigError, did_you_mean
+from .model_card import card_of
 from .pruning import Pruned
 
 ModelFactory = Callable[[], nn.Module]
@@ -117,10 +118,10 @@ def latency_context(model_factory: ModelFactory, example_input: torch.Tensor, nu
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(samples, *example_input.shape[1:], generator=gen)
     y = torch.randint(0, num_classes, (samples,), generator=gen)
-    probe = model_factory()
+    card = card_of(model_factory)
     return PluginContext(model_factory=model_factory, trainer=NoTraining(), train_loader=[(x, y)], calib_x=x,
                          calib_y=y, num_classes=num_classes, epochs=1,
-                         lock_sites=tuple(getattr(probe, "lock_sites", ())), device=torch.device("cpu"), seed=0,
+                         lock_sites=card.lock_sites if card else (), device=torch.device("cpu"), seed=0,
                          secret_seed=secret_seed, example_input=example_input[:1])
 
 
@@ -216,7 +217,8 @@ class Protector(Configurable, ABC):
 
     def new_artifact(self, model: nn.Module, key: bytes, **extra: Any) -> Artifact:
         """An empty artifact of this protector for ``model`` (public parameters and model spec in its metadata)."""
-        spec = dict(getattr(model, "spec", {}) or {"class": type(model).__name__})
+        card = card_of(model)
+        spec = card.spec() if card is not None else {"class": type(model).__name__}
         return Artifact.new(self.name, self.public_params(), spec, key, **extra)
 
     def public_params(self) -> dict[str, Any]:
