@@ -9,7 +9,16 @@ README, "Writing a protector plugin").
 from . import aes, edgepro, he_paillier, hpnn, nnsplitter, none, shield  # noqa: F401  (registers the built-ins and peers)
 from .core.artifact import Artifact
 from .core.base import SECRET_KINDS, PluginContext, Protector, latency_context
-from .core.errors import ArtifactError, BenchError, ConfigError, DataError, KeyMaterialError, UnknownNameError
+from .core.errors import (
+    ArtifactError,
+    BenchError,
+    ConfigError,
+    DataError,
+    KeyMaterialError,
+    NotApplicable,
+    UnknownNameError,
+)
+from .core.model_card import ModelCard, card_of
 from .core.onnx_runtime import NotSupported
 from .core.pruning import Pruned
 from .core.registry import Registry
@@ -22,5 +31,5 @@ def get(name: str, **params) -> Protector:
 
 
 __all__ = ["SECRET_KINDS", "Artifact", "ArtifactError", "BenchError", "ConfigError", "DataError", "KeyMaterialError",
-           "NotSupported", "PluginContext", "Protector", "Pruned", "Registry", "UnknownNameError", "get",
-           "latency_context", "protectors"]
+           "ModelCard", "NotApplicable", "NotSupported", "PluginContext", "Protector", "Pruned", "Registry",
+           "UnknownNameError", "card_of", "get", "latency_context", "protectors"]
