@@ -9,6 +9,12 @@ data with the same budget (``gain = stolen_acc_after - scratch_acc``).
 An attack receives what the thief holds (:class:`Loot`) and a :class:`ThiefContext`, and returns one
 :class:`Outcome` per parameter cell. It never sees the key: the harness alone uses it, afterwards, to ask whether
 the password still works on the attacked copy (``auth_acc_after``).
+
+An attack also declares how the report shows its rows (the harness reads the declaration, never the attack's name):
+:meth:`Attack.plot` (which figure a row belongs to and where on its horizontal axis), :meth:`Attack.derived` (numbers
+computed from its own ``extra`` once the harness knows the clean accuracy, as lm-eval's metrics declare their
+aggregation) and ``report_table``/``report_columns`` (a table of its own, e.g. the guessing statistics). The runner
+records :meth:`Attack.declaration` in every attack cell's record.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +59,53 @@ class ThiefContext:
 
     def evaluate(self, model: nn.Module) -> float:
         return self.trainer.evaluate(model, self.test_x, self.test_y)
+
+
+#: how a figure draws the rows of the attacks that declare it (see :class:`PlotSpec`)
+PLOT_STYLES = {
+    "sweep": "one panel per attack and (dataset, model): stolen accuracy after the attack (and authorized, for "
+             "protectors with a secret) against x, one line per protector and series",
+    "budget": "one panel per (dataset, model): stolen accuracy after the attack against the thief's budget x, one "
+              "line per protector, beside the scratch baseline",
+    "curve": "one line per (dataset, model, protector, attack): the running best of the accuracies the record lists "
+             "in extra[curve], against their count",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotSpec:
+    """Where one row (cell) of an attack goes in the report's plots; recorded in the attack cell's record.
+
+    Attacks that declare the same ``figure`` share one plot file (``plots/<figure>.png``) and one REPORT.md section
+    titled ``title``; ``style`` (one of :data:`PLOT_STYLES`) says how it is drawn. ``x`` is this row's position on
+    the horizontal axis (``xlabel``, ``xscale``), ``series`` which line of its protector it belongs to (a non-empty
+    series is drawn dashed: e.g. ``"+ft"``), ``curve`` the ``extra`` field that lists one accuracy per step.
+    """
+
+    figure: str
+    title: str
+    style: str
+    xlabel: str
+    x: float | None = None
+    xscale: str = "linear"
+    series: str = ""
+    curve: str | None = None
+
+    def __post_init__(self):
+        if self.style not in PLOT_STYLES:
+            raise ValueError(f"plot style {self.style!r}: allowed {', '.join(PLOT_STYLES)}")
+        if self.xscale not in ("linear", "log"):
+            raise ValueError(f"plot xscale {self.xscale!r}: allowed linear, log")
+        if (self.style == "curve") != (self.curve is not None):
+            raise ValueError("a plot of style 'curve' names its extra field in 'curve' (and only that style does)")
+        if self.style != "curve" and self.x is None:
+            raise ValueError(f"a plot of style {self.style!r} needs the row's x")
+
+
+def pass_counts(accs: Any, clean_acc: float) -> dict[str, int]:
+    """How many of ``accs`` (one accuracy per guess) reach 50% and 80% of the clean accuracy."""
+    a = np.asarray(accs, dtype=float)
+    return {"n_pass50": int((a >= 0.5 * clean_acc).sum()), "n_pass80": int((a >= 0.8 * clean_acc).sum())}
 
 
 @dataclasses.dataclass
@@ -101,6 +155,29 @@ class Attack(Configurable, ABC):
     def cells(self) -> list[str]:
         """Parameter labels of the rows this attack produces (one record each)."""
         return ["-"]
+
+    # -- what the report shows (declared, recorded with every cell) ----------------------------------------------
+    #: a report table of this attack's own (``tables/<report_table>.*``: its rows with ``report_columns``), or None
+    report_table: ClassVar[str | None] = None
+    #: the ``extra`` fields (or fields of the harness's secret comparison) that table shows
+    report_columns: ClassVar[tuple[str, ...]] = ()
+    #: of those, the ones that are counts (shown as whole numbers)
+    count_columns: ClassVar[tuple[str, ...]] = ()
+
+    def plot(self, cell: str) -> PlotSpec | None:
+        """Where the row labelled ``cell`` goes in the report's plots (``None``: in no plot of its own)."""
+        return None
+
+    def derived(self, extra: dict[str, Any], clean_acc: float) -> dict[str, Any]:
+        """Numbers the harness adds to a row's ``extra``, computed from the attack's own ``extra`` and the clean
+        model's accuracy (which the attack never sees); none by default."""
+        return {}
+
+    def declaration(self, cell: str) -> dict[str, Any]:
+        """What the report needs to know about the row labelled ``cell``, as recorded in its record."""
+        plot = self.plot(cell)
+        return {"plot": dataclasses.asdict(plot) if plot is not None else None, "table": self.report_table,
+                "columns": list(self.report_columns), "counts": list(self.count_columns)}
 
     @abstractmethod
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import Attack, Loot, Outcome, ThiefContext
+from .base import Attack, Loot, Outcome, PlotSpec, ThiefContext
 from .registry_instance import attacks
 
 
@@ -46,6 +46,11 @@ class Finetune(Attack):
 
     def cells(self) -> list[str]:
         return [f"f={f:g}" for f in self.params.fractions]
+
+    def plot(self, cell: str) -> PlotSpec:
+        return PlotSpec(figure="finetune", title="Fine-tuning vs scratch", style="budget",
+                        xlabel="thief's labeled fraction of training set", x=float(cell.removeprefix("f=")),
+                        xscale="log")
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         fraction = float(cell.removeprefix("f="))

@@ -24,7 +24,7 @@ from protectors.core.kinds.neuron_mask import Password, apply_password, rank_neu
 from protectors.core.sampling import stratified_subset
 from protectors.core.seeding import stream_seed
 
-from .base import Attack, Loot, Outcome, ThiefContext
+from .base import Attack, Loot, Outcome, PlotSpec, ThiefContext, pass_counts
 from .finetune import _fractions_ok
 from .registry_instance import attacks
 
@@ -68,9 +68,29 @@ def guess_stats(test_accs: np.ndarray, samples: int) -> dict:
             "guesses": len(test_accs), "test_accs": test_accs.round(4).tolist(), "stats_samples": samples}
 
 
-class _GuessAttack(Attack):
+#: the plot of attacks that score many guesses (``extra["test_accs"]``, one test accuracy per guess)
+GUESS_CURVE = dict(figure="guessing", title="Password guessing", style="curve", xlabel="number of guesses",
+                   xscale="log", curve="test_accs")
+
+
+class ScoredGuesses:
+    """A mixin for attacks whose ``extra`` lists every guess's test accuracy (``test_accs``, from
+    :func:`guess_stats`): they declare the guessing plot, and how many guesses pass 50% and 80% of clean accuracy."""
+
+    def plot(self, cell: str) -> PlotSpec | None:
+        return PlotSpec(**GUESS_CURVE)
+
+    def derived(self, extra: dict, clean_acc: float) -> dict:
+        return pass_counts(extra["test_accs"], clean_acc) if "test_accs" in extra else {}
+
+
+class _GuessAttack(ScoredGuesses, Attack):
     Params = GuessParams
     secret_kinds = ("neuron-mask",)
+    #: the guessing table: per-guess statistics, and how much of the real secret the chosen guess holds
+    report_table = "guessing"
+    report_columns = ("best_test_acc", "median_test_acc", "n_pass50", "n_pass80", "overlap_mean")
+    count_columns = ("n_pass50", "n_pass80")
 
     def cells(self) -> list[str]:
         return [f"N={self.params.guesses}"]
@@ -167,6 +187,9 @@ class MaskLearning(_GuessAttack):
 
     def cells(self) -> list[str]:
         return [f"f={self.params.fraction:g}"]
+
+    def plot(self, cell: str) -> PlotSpec | None:
+        return None  # one learned guess: no curve of guesses
 
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params

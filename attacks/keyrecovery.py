@@ -35,7 +35,7 @@ from protectors.core.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
 from .finetune import _fractions_ok
-from .guess import guess_stats, stats_sample
+from .guess import ScoredGuesses, guess_stats, stats_sample
 from .registry_instance import attacks
 
 #: evaluation batch for scoring keys on the thief's data
@@ -123,7 +123,7 @@ class KeyGuessParams:
 
 
 @attacks.register()
-class KeyGuessRandom(Attack):
+class KeyGuessRandom(ScoredGuesses, Attack):
     """N random keys (K positions across the sites, K bits); the one that scores best on the thief's data."""
 
     name = "key-guess-random"

@@ -19,7 +19,7 @@ from torch.nn.utils import prune as tprune
 
 from protectors.core.pruning import Pruned
 
-from .base import Attack, Loot, Outcome, ThiefContext
+from .base import Attack, Loot, Outcome, PlotSpec, ThiefContext
 from .finetune import _fractions_ok, finetune
 from .registry_instance import attacks
 
@@ -52,6 +52,11 @@ class _PruneAttack(Attack):
     def cells(self) -> list[str]:
         tail = [""] + (["+ft"] if self.params.finetune_epochs else [])
         return [f"r={r:g}{t}" for r in self.params.ratios for t in tail]
+
+    def plot(self, cell: str) -> PlotSpec:
+        return PlotSpec(figure="pruning", title="Accuracy vs pruning ratio", style="sweep", xlabel="pruning ratio",
+                        x=float(cell.removeprefix("r=").removesuffix("+ft")),
+                        series="+ft" if cell.endswith("+ft") else "")
 
     def prune(self, model: nn.Module, ratio: float, example: torch.Tensor) -> tuple[dict, Pruned | None]:
         raise NotImplementedError

@@ -1,19 +1,30 @@
 """Command line: ``python -m bench list | run | report | compare`` (also installed as ``edgepro-bench``).
 
-Exit status 0 on success, 2 with a one-line error on bad input (config, data, artifact, key).
+Exit status 0 on success, 2 with a one-line error on bad input (config, data, artifact, key) and on a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import logging
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
+from protectors.core.crypto import take_env_key
 from protectors.core.errors import BenchError
+
+#: the lock a run holds on its run directory (``--out``) from start to end
+RUN_LOCK = ".lock"
+
+
+class UsageError(BenchError):
+    """A command line argparse refuses (unknown option, missing or malformed value)."""
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -64,23 +75,84 @@ def check_writable_dir(path: Path, what: str) -> None:
                 d.rmdir()
 
 
+def check_clean_tree(out: Path, allow_dirty: bool) -> None:
+    """Refuse a run into the checkout's committed ``results/`` from a tree with uncommitted changes to tracked
+    files (unless ``allow_dirty``): its records would name a commit that does not hold the code that made them."""
+    from . import provenance
+
+    root = provenance.repo_root()
+    if root is None or allow_dirty:
+        return
+    results = root / "results"
+    try:
+        out.resolve().relative_to(results.resolve())
+    except ValueError:
+        return
+    dirty = provenance.git_dirty(root)
+    if dirty:
+        shown = ", ".join(dirty[:3]) + (f" and {len(dirty) - 3} more" if len(dirty) > 3 else "")
+        raise BenchError(f"--out {out}: is under {results}, whose records must name the commit that made them, but "
+                         f"the git tree is dirty ({len(dirty)} tracked file(s) modified: {shown}); commit first, "
+                         f"or pass --allow-dirty")
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory ``out`` (``out/.lock``, flock) until the block ends, so two runs
+    never write one directory's records and report at once; a second run refuses at once, naming the holder."""
+    path = out / RUN_LOCK
+    while True:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise BenchError(f"--out {out}: cannot lock it ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise BenchError(f"--out {out}: another run holds it{f' (pid {holder})' if holder.isdigit() else ''}, "
+                             f"see {path}; wait for it to finish or give another --out") from None
+        try:  # the holder removes the file when it is done: a lock on a removed file locks nothing, so try again
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked, so that no one locks the file being removed
+        os.close(fd)
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import config, data
     from .executor import DaskExecutor
     from .runner import Runner
 
     cfg = config.select(config.load(args.config), args.protectors, args.attacks)
-    executor = DaskExecutor(args.workers, args.scheduler) if args.workers or args.scheduler else None
-    out = Path(args.out or Path("runs") / cfg.name)
+    # --workers 0 or --scheduler "" are errors, not a silent serial run; DaskExecutor checks both.
+    cluster = args.workers is not None or args.scheduler is not None
+    executor = DaskExecutor(args.workers, args.scheduler) if cluster else None
+    out = Path(args.out or Path("runs") / cfg.name)  # cfg.name is a plain name: runs/<name> stays in runs/
     # Every check of the command line before the Runner starts anything: a bad path must not cost a training run.
     data.explicit_root(args.data_root, args.download)
     check_writable_dir(out, "--out")
     check_writable_dir(Path(args.cache_dir) if args.cache_dir else data.cache_dir(),
                        "--cache-dir" if args.cache_dir else f"cache directory (${data.CACHE_ENV} or the default)")
+    check_clean_tree(out, args.allow_dirty)
+    if executor is not None:
+        executor.probe()  # the scheduler answers, as a Dask scheduler, within a few seconds
     runner = Runner(cfg, out, data_root=args.data_root, download=args.download, key_file=args.key_file,
                     key_format=args.key_format, cache_dir=args.cache_dir, progress=not args.no_progress,
                     profile=not args.no_profile)
-    summary = runner.run(executor)
+    with run_dir_lock(out):
+        summary = runner.run(executor)
     if summary.get("superseded"):
         print(f"{out / 'records'}: {summary['superseded']} records made by an older version of a plugin's code were "
               f"recomputed; the old ones are in records/superseded/")
@@ -113,9 +185,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``, exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepro-bench",
-                                description="Benchmark suite for DNN model protection on edge devices.")
+    p = _Parser(prog="edgepro-bench", description="Benchmark suite for DNN model protection on edge devices.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered datasets, models, protectors, attacks, targets").set_defaults(func=_list)
     r = sub.add_parser("run", help="run a config (quick, fashion, paper, or a .toml path)")
@@ -135,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     ex = r.add_mutually_exclusive_group()
     ex.add_argument("--workers", type=int, help="run cells on a local Dask cluster of N worker processes")
     ex.add_argument("--scheduler", help="run cells on an existing Dask cluster (scheduler address)")
+    r.add_argument("--allow-dirty", action="store_true",
+                   help="allow --out under the checkout's results/ with uncommitted changes to tracked files")
     r.set_defaults(func=_run)
     rep = sub.add_parser("report", help="rebuild tables, plots and REPORT.md from DIR/records")
     rep.add_argument("dir")
@@ -156,10 +236,37 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Log lines of the suite's own loggers to whatever ``sys.stderr`` is when they are emitted."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """The suite's library modules log (``logging``); the command line shows their INFO and above as plain lines."""
+    for name in ("bench", "protectors", "attacks"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    # First of all: the key in $EDGEPRO_BENCH_KEY leaves the environment before any child process can inherit it.
+    take_env_key()
     warnings.formatwarning = _one_line_warning
+    _setup_logging()
     try:
+        args = parser().parse_args(argv)
         return args.func(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

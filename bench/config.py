@@ -4,13 +4,20 @@ A config names datasets, models, seeds, the training budget, protectors (with pa
 parameters) and profiler targets. Shipped configs live in ``bench/configs/`` and are found by name.
 
 A protector entry may sweep parameters: ``sweep = {gamma = [0.05, 0.2]}`` expands into one protector setting per
-combination (the Cartesian product), each labelled ``name[gamma=0.05]``.
+combination (the Cartesian product), each labelled ``name[gamma=0.05]``; a value listed twice is an error.
+
+A config may say how to get the plugins it names that are not built in: ``[plugins] advparams = "the example
+plugin: pip install -e examples/advparams"``. The hint is added to the error when such a plugin is not installed.
+
+``name`` names the run directory (``runs/<name>`` without ``--out``), so it must be a plain name: letters, digits,
+``.``, ``_`` and ``-``, never a path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +88,9 @@ class RunConfig:
 
 
 TOP_KEYS = {"name", "description", "datasets", "models", "seeds", "attack_seeds", "train", "train_subset",
-            "protectors", "attacks", "profile", "experiments"}
+            "protectors", "attacks", "profile", "experiments", "plugins"}
+#: a config's name: one plain path component (no '/', no '..', not hidden), so ``runs/<name>`` stays in ``runs/``
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 EXPERIMENT_KEYS = {"dataset", "model", "train", "train_subset"}
 
 
@@ -107,6 +116,37 @@ def _seeds(where: str, value: Any) -> list[int]:
     return seeds
 
 
+def _name(src: str, raw: dict[str, Any]) -> str:
+    """The config's ``name`` (default: the file's stem), checked to be a plain name: it becomes a directory."""
+    name = raw.get("name", Path(src).stem)
+    if not isinstance(name, str):
+        raise ConfigError(f"{src}: name: must be a string, got {name!r}")
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        origin = "" if "name" in raw else " (taken from the file name; set 'name')"
+        raise ConfigError(f"{src}: name: {name!r} is not a plain name{origin}: it names the run directory "
+                          f"runs/<name>, so use 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-', "
+                          f"without '/' or '..'")
+    return name
+
+
+def _hints(src: str, raw: Any) -> dict[str, str]:
+    """``[plugins]``: plugin name → how to get it (added to the error when that plugin is not installed)."""
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
+        raise ConfigError(f"{src}: plugins: must map plugin names to how to install them "
+                          f"(e.g. advparams = \"pip install -e examples/advparams\"), got {raw!r}")
+    return {k: " ".join(v.split()) for k, v in raw.items()}
+
+
+def _lookup(registry, name: str, where: str, hints: dict[str, str]):
+    """``registry.get(name)``; its error (one line) prefixed with ``where``, plus the config's install hint when
+    the plugin is not installed at all."""
+    try:
+        return registry.get(name)
+    except ConfigError as exc:
+        hint = f"; not installed? {hints[name]}" if name in hints and name not in registry.names() else ""
+        raise ConfigError(f"{where}: {exc}{hint}") from None
+
+
 def _fmt(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
@@ -116,12 +156,19 @@ def _sweep(where: str, sweep: Any, what: str) -> list[tuple[dict[str, Any], str]
     with its label (``gamma=0.1,scale=2.0``)."""
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise ConfigError(f"{where}: must map {what} to non-empty lists")
+    for k, values in sweep.items():
+        dup = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"{where}: {k!r} lists {dup!r} twice; every value is one setting, so a repeated one "
+                              f"would run and count the same cells twice")
     combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] or [{}]
     return [(c, ",".join(f"{k}={_fmt(v)}" for k, v in c.items())) for c in combos]
 
 
-def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | None = None) -> list[PluginSpec]:
-    """``[[section]]`` entries as plugin settings; ``empty_hint`` (the fix to suggest) makes an empty list an error."""
+def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | None = None,
+             hints: dict[str, str] | None = None) -> list[PluginSpec]:
+    """``[[section]]`` entries as plugin settings; ``empty_hint`` (the fix to suggest) makes an empty list an error;
+    ``hints`` (the config's ``[plugins]``) say how to install a plugin that is not."""
     if not isinstance(entries, list):
         raise ConfigError(f"{src}: '{section}' must be an array of tables ([[{section}]])")
     if not entries and empty_hint:
@@ -133,10 +180,7 @@ def _plugins(src: str, section: str, entries: Any, registry, empty_hint: str | N
             raise ConfigError(f"{where}: needs a 'name' string")
         name = entry["name"]
         where = f"{where} ({name})"
-        try:
-            cls = registry.get(name)
-        except ConfigError as exc:
-            raise ConfigError(f"{src}: {section}[{i}].name: {exc}") from None
+        cls = _lookup(registry, name, f"{src}: {section}[{i}].name", hints or {})
         params = {k: v for k, v in entry.items() if k not in ("name", "label", "sweep")}
         for combo, combo_label in _sweep(f"{where}.sweep", entry.get("sweep", {}), "parameter names"):
             merged = {**params, **combo}
@@ -166,6 +210,8 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
     for k in raw:
         if k not in TOP_KEYS:
             raise _unknown(src, k, TOP_KEYS)
+    name = _name(src, raw)
+    hints = _hints(src, raw.get("plugins", {}))
     names = {}
     for key, registry, default in (("datasets", datasets, None), ("models", models, ["lenet5"])):
         # A profile-only config (latency needs no data), or one listing [[experiments]], may have no datasets.
@@ -198,21 +244,18 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
 
     for key, registry in (("targets", target_registry), ("models", models)):
         for i, n in enumerate(_list_of(f"{src}: profile.{key}", getattr(profile, key), str, allow_empty=True)):
-            try:
-                registry.get(n)
-            except ConfigError as exc:
-                raise ConfigError(f"{src}: profile.{key}[{i}]: {exc}") from None
+            _lookup(registry, n, f"{src}: profile.{key}[{i}]", hints)
     experiments = [Experiment(d, m, train, subset, regime)
                    for d in names["datasets"] for m in names["models"] for train, regime in regimes]
     if "experiments" in raw:
         experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
-        name=str(raw.get("name", Path(src).stem)), seeds=seeds, attack_seeds=attack_seeds, profile=profile,
+        name=name, seeds=seeds, attack_seeds=attack_seeds, profile=profile,
         experiments=experiments,
         # Every cell is (protector × ...): with none the run would do nothing and leave no records to report.
         protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry,
-                            empty_hint="list at least one; 'none' is the unprotected baseline"),
-        attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry),
+                            empty_hint="list at least one; 'none' is the unprotected baseline", hints=hints),
+        attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry, hints=hints),
     )
 
 

@@ -1,7 +1,13 @@
-"""Plots (PNG and PDF) built from the records alone."""
+"""Plots (PNG and PDF) built from the records alone.
+
+Which attack rows go in which plot is what the attacks declare (:class:`attacks.base.PlotSpec`, recorded with every
+attack row), never their names; the overhead plot leaves out the baseline (the protector that declares no secret).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +18,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import tables  # noqa: E402
-from .records import model_label  # noqa: E402
+from .records import attack_declarations, model_label  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -30,81 +38,141 @@ def _groups(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     return list(df.groupby(["dataset", "model"], sort=False))
 
 
-def pruning(att: pd.DataFrame, stem: Path) -> list[Path]:
-    df = att[att["attack"].astype(str).str.startswith("prune")].dropna(subset=["stolen_acc_after"])
+def _with_spec(att: pd.DataFrame, specs: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """The applicable attack rows with a plot spec, with their ``x`` and ``series`` from it."""
+    if att.empty:
+        return att
+    keys = list(zip(att["attack"], att["param"]))
+    keep = [k in specs for k in keys]
+    df = att[keep].dropna(subset=["stolen_acc_after"])
+    if df.empty:
+        return df
+    picked = [specs[(a, p)] for a, p in zip(df["attack"], df["param"])]
+    return df.assign(x=[s.get("x") for s in picked], series=[s.get("series") or "" for s in picked])
+
+
+def _sweep(att: pd.DataFrame, specs: dict, stem: Path, baseline: set[str]) -> list[Path]:
+    """One panel per attack and (dataset, model): stolen (and authorized) accuracy against x, a line per protector
+    and series (a non-empty series dashed)."""
+    df = _with_spec(att, specs).dropna(subset=["x"])
     if df.empty:
         return []
-    df = df.assign(ratio=df["param"].str.extract(r"r=([0-9.]+)")[0].astype(float),
-                   ft=df["param"].str.endswith("+ft"))
+    spec = next(iter(specs.values()))
     groups = _groups(df)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    cols = max(g["attack"].nunique() for _, g in groups)
+    fig, axes = plt.subplots(len(groups), cols, figsize=(5.5 * cols, 3.6 * len(groups)), squeeze=False)
     for row, ((ds, model), g) in enumerate(groups):
         for col, attack in enumerate(sorted(g["attack"].unique())):
-            ax = axes[row][col] if col < 2 else None
-            if ax is None:
-                continue
-            for (prot, ft), h in g[g["attack"] == attack].groupby(["protector", "ft"], sort=False):
-                h = h.sort_values("ratio")
-                style = "-" if not ft else "--"
-                line = ax.errorbar(h["ratio"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), fmt=style,
-                                   marker="o", capsize=2, label=f"{prot} stolen{' +ft' if ft else ''}").lines[0]
-                if h["auth_acc_after"].notna().any() and prot != "none":
-                    ax.plot(h["ratio"], h["auth_acc_after"], style, marker="x", color=line.get_color(), alpha=0.5,
-                            label=f"{prot} authorized{' +ft' if ft else ''}")
-            ax.set(xlabel="pruning ratio", ylabel="test accuracy", ylim=(0, 1))
+            ax = axes[row][col]
+            for (prot, series), h in g[g["attack"] == attack].groupby(["protector", "series"], sort=False):
+                h = h.sort_values("x")
+                style = "--" if series else "-"
+                tail = f" {series}" if series else ""
+                line = ax.errorbar(h["x"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), fmt=style,
+                                   marker="o", capsize=2, label=f"{prot} stolen{tail}").lines[0]
+                if h["auth_acc_after"].notna().any() and prot not in baseline:
+                    ax.plot(h["x"], h["auth_acc_after"], style, marker="x", color=line.get_color(), alpha=0.5,
+                            label=f"{prot} authorized{tail}")
+            ax.set(xlabel=spec["xlabel"], xscale=spec.get("xscale", "linear"), ylabel="test accuracy", ylim=(0, 1))
             ax.set_title(f"{ds} / {model}: {attack}", fontsize=10 if len(f"{ds}{model}{attack}") < 48 else 8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+        for col in range(g["attack"].nunique(), cols):
+            axes[row][col].set_visible(False)
     fig.tight_layout()
     return _save(fig, stem)
 
 
-def finetune(att: pd.DataFrame, stem: Path) -> list[Path]:
-    df = att[att["attack"] == "finetune"].dropna(subset=["stolen_acc_after"])
+def _budget(att: pd.DataFrame, specs: dict, stem: Path, baseline: set[str]) -> list[Path]:
+    """One panel per (dataset, model): stolen accuracy after the attack against the thief's budget x, a line per
+    protector (and attack, where several declare the figure), beside the thief's scratch baseline."""
+    df = _with_spec(att, specs).dropna(subset=["x"])
     if df.empty:
         return []
-    df = df.assign(fraction=df["param"].str.removeprefix("f=").astype(float))
+    spec = next(iter(specs.values()))
     groups = _groups(df)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, ((ds, model), g) in zip(axes[0], groups):
-        for prot, h in g.groupby("protector", sort=False):
-            h = h.sort_values("fraction")
-            ax.errorbar(h["fraction"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), marker="o",
-                        capsize=3, label=f"{prot}: fine-tuned stolen copy")
-        s = g.groupby("fraction")["scratch_acc"].mean()
-        ax.plot(s.index, s.values, "k--", marker="s", label="scratch (thief's own training)")
-        ax.set(xscale="log", title=f"{ds} / {model}: fine-tuning", xlabel="thief's labeled fraction of training set",
+        several = g["attack"].nunique() > 1
+        for (prot, attack), h in g.groupby(["protector", "attack"], sort=False):
+            h = h.sort_values("x")
+            ax.errorbar(h["x"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), marker="o",
+                        capsize=3, label=f"{prot}{f' ({attack})' if several else ''}: attacked stolen copy")
+        for attack, h in g.groupby("attack", sort=False):
+            s = h.groupby("x")["scratch_acc"].mean()
+            ax.plot(s.index, s.values, "k--", marker="s",
+                    label=f"scratch{f' ({attack})' if several else ''} (thief's own training)")
+        attacks_ = ", ".join(dict.fromkeys(g["attack"]))
+        ax.set(xscale=spec.get("xscale", "linear"), title=f"{ds} / {model}: {attacks_}", xlabel=spec["xlabel"],
                ylabel="test accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, stem)
 
 
-def guessing(records: list[dict], stem: Path) -> list[Path]:
+def _curve(records: list[dict], specs: dict, stem: Path, baseline: set[str]) -> list[Path]:
+    """A line per (dataset, model, protector, attack): the running best of the accuracies each record lists in the
+    extra field its attack declares (``curve``), averaged over the records."""
     curves: dict[tuple, list[np.ndarray]] = {}
     for r in records:
         c, res = r["cell"], r["result"]
-        accs = (res.get("extra") or {}).get("test_accs") if c.get("kind") == "attack" else None
+        spec = specs.get((c.get("attack_label"), c.get("param"))) if c.get("kind") == "attack" else None
+        accs = (res.get("extra") or {}).get(spec["curve"]) if spec else None
         if accs:
             curves.setdefault((c["dataset"], model_label(c), c["label"], c["attack_label"]), []).append(
-                np.maximum.accumulate(np.asarray(accs)))
+                np.maximum.accumulate(np.asarray(accs, dtype=float)))
     if not curves:
         return []
+    spec = next(iter(specs.values()))
     fig, ax = plt.subplots(figsize=(7, 4))
     for (ds, model, prot, attack), cs in curves.items():
         n = min(len(c) for c in cs)
         mean = np.mean([c[:n] for c in cs], axis=0)
         ax.plot(np.arange(1, n + 1), mean, label=f"{ds}/{model} {prot}: {attack}")
-    ax.set(xscale="log", xlabel="number of guesses", ylabel="best test accuracy so far", ylim=(0, 1),
-           title="Password guessing: best accuracy vs guesses")
+    ax.set(xscale=spec.get("xscale", "linear"), xlabel=spec["xlabel"], ylabel="best test accuracy so far",
+           ylim=(0, 1), title=f"{spec['title']}: best accuracy vs {spec['xlabel']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, stem)
 
 
-def overhead(ov: pd.DataFrame, stem: Path) -> list[Path]:
+#: how each plot style of :data:`attacks.base.PLOT_STYLES` is drawn: from the attacks table, or from the records
+STYLES = {"sweep": ("table", _sweep), "budget": ("table", _budget), "curve": ("records", _curve)}
+
+
+def attack_figures(records: list[dict], att: pd.DataFrame, out: Path,
+                   baseline: set[str] = frozenset()) -> dict[str, tuple[str, list[Path]]]:
+    """The figures the attacks declare (:meth:`attacks.base.Attack.plot`, recorded with every attack row): one
+    file per declared ``figure``, in the order of the attacks table. ``name -> (title, files)``."""
+    specs = {k: d["plot"] for k, d in attack_declarations(records).items() if isinstance(d.get("plot"), dict)}
+    by_figure: dict[str, dict[tuple[str, str], dict]] = {}
+    order = list(dict.fromkeys(zip(att["attack"], att["param"]))) if len(att) else []
+    for key in order + [k for k in specs if k not in order]:
+        if key in specs:
+            by_figure.setdefault(specs[key]["figure"], {})[key] = specs[key]
+    made = {}
+    for figure, found in by_figure.items():
+        styles = {s["style"] for s in found.values()}
+        if len(styles) != 1 or next(iter(styles)) not in STYLES:
+            log.warning("plot %r: attacks declare it in style(s) %s; drawn only in one of %s", figure,
+                        ", ".join(sorted(styles)), ", ".join(STYLES))
+            continue
+        source, draw = STYLES[next(iter(styles))]
+        files = draw(att if source == "table" else records, found, out / _stem(figure), baseline)
+        if files:
+            made[figure] = (next(iter(found.values()))["title"], files)
+    return made
+
+
+def _stem(figure: str) -> str:
+    """A file name for a declared figure (its name, with anything but letters, digits, ``-`` and ``_`` replaced)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", figure) or "figure"
+
+
+def overhead(ov: pd.DataFrame, stem: Path, baseline: set[str] = frozenset()) -> list[Path]:
+    """Latency overhead ratios per model and target, every protector but the baseline (whose ratio is 1)."""
     df = ov.dropna(subset=["overhead"])
-    df = df[df["protector"] != "none"]
+    df = df[~df["protector"].isin(baseline)]
     if df.empty:
         return []
     models = list(dict.fromkeys(df["model"]))
@@ -125,7 +193,8 @@ def overhead(ov: pd.DataFrame, stem: Path) -> list[Path]:
         ax.axhline(1.03, color="r", lw=0.8, ls=":", label="+3%")
         ax.set_xticks(np.arange(len(targets_)) + width * (len(variants) - 1) / 2, targets_, rotation=20, ha="right",
                       fontsize=7)
-        ax.set(yscale="log", title=f"{model}: latency overhead (p50 ratio vs none)", ylabel="protected / none")
+        vs = " or ".join(sorted(baseline)) or "baseline"
+        ax.set(yscale="log", title=f"{model}: latency overhead (p50 ratio vs {vs})", ylabel=f"protected / {vs}")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     return _save(fig, stem)

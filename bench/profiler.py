@@ -42,11 +42,11 @@ from protectors.core.hashing import canonical_json
 
 from . import models
 from .config import ProfileConfig
+from .records import BASELINE_KIND  # every overhead ratio divides by a protector that declares no secret
 from .targets import targets
 
 #: input shapes the profiler uses per model (MNIST-sized for LeNet-5, CIFAR-sized for the others)
 PROFILE_SEED = 0
-BASELINE = "none|default"
 #: measure until every overhead ratio's 95% bootstrap interval is within ±1% of it, or this many seconds
 CI_TARGET = 0.01
 
@@ -78,12 +78,13 @@ def bootstrap_median_ci(ratios: np.ndarray, resamples: int = 400, level: float =
     return float(np.quantile(meds, a)), float(np.quantile(meds, 1 - a))
 
 
-def overhead_cis(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Per variant (not the baseline): the overhead ratio's 95% interval and its half-width relative to the median."""
-    base = np.asarray(times.get(BASELINE, []))
+def overhead_cis(times: dict[str, list[float]], baseline: str | None) -> dict[str, dict[str, float]]:
+    """Per variant (not the ``baseline`` variant): the overhead ratio's 95% interval and its half-width relative to
+    the median."""
+    base = np.asarray(times.get(baseline, []))
     out = {}
     for i, t in times.items():
-        if i == BASELINE or len(t) != len(base) or len(base) < 2:
+        if i == baseline or len(t) != len(base) or len(base) < 2:
             continue
         ratios = np.asarray(t) / base
         lo, hi = bootstrap_median_ci(ratios)
@@ -183,17 +184,19 @@ def child(job_path: str) -> None:
         rounds(1)
     # Then keep measuring until every overhead ratio's 95% interval is within ±CI_TARGET, or the time cap.
     cap = max(prof.min_seconds, prof.max_seconds)
-    cis = overhead_cis(times)
-    while BASELINE in times and not all(c["rel"] <= CI_TARGET for c in cis.values()) \
+    # The variant every ratio divides by: the one the parent marked (a protector that declares no secret).
+    baseline = next((v["id"] for v in job["variants"] if v.get("baseline")), None)
+    cis = overhead_cis(times, baseline)
+    while baseline in times and not all(c["rel"] <= CI_TARGET for c in cis.values()) \
             and time.perf_counter() - start < cap:
         rounds(max(50, rnd // 4))
-        cis = overhead_cis(times)
+        cis = overhead_cis(times, baseline)
     stop = "converged" if all(c["rel"] <= CI_TARGET for c in cis.values()) else "time cap"
     through: dict[str, list[float]] = {i: [] for i in ids}
     for _ in range(3):
         for i in ids:
             through[i].append(_timed(runs[i], xb))
-    base = np.asarray(times.get(BASELINE, []))
+    base = np.asarray(times.get(baseline, []))
     for i in ids:
         t = np.asarray(times[i])
         r = results[i]
@@ -211,11 +214,30 @@ def child(job_path: str) -> None:
 
 
 # -- parent -----------------------------------------------------------------------------------------------------
-def _variants(runner) -> list[tuple[str, Any, str]]:
-    """(label, spec, mode) for ``none`` and every protector setting × mode in the config."""
+def baseline_spec(runner):
+    """The protector setting every overhead ratio divides by: the config's first that declares no secret
+    (``secret_kind`` :data:`BASELINE_KIND`), else the first registered protector that does (with its defaults)."""
     from .config import PluginSpec
 
-    specs = [PluginSpec("none", {}, "none")] + [p for p in runner.cfg.protectors if p.label != "none"]
+    registry = protectors.protectors
+    for spec in runner.cfg.protectors:
+        if getattr(registry.get(spec.name), "secret_kind", None) == BASELINE_KIND:
+            return spec
+    for name in registry.names():
+        try:
+            cls = registry.get(name)
+        except protectors.ConfigError:  # a broken third-party plugin: not a baseline
+            continue
+        if getattr(cls, "secret_kind", None) == BASELINE_KIND:
+            return PluginSpec(name, {}, name)
+    raise protectors.ConfigError(f"no registered protector declares secret_kind {BASELINE_KIND!r}: the latency "
+                                 "overhead has no baseline to divide by")
+
+
+def _variants(runner) -> list[tuple[str, Any, str]]:
+    """(label, spec, mode) for the baseline (first) and every other protector setting × mode in the config."""
+    base = baseline_spec(runner)
+    specs = [base] + [p for p in runner.cfg.protectors if p.label != base.label]
     return [(s.label, s, m) for s in specs for m in protectors.protectors.get(s.name).modes]
 
 
@@ -246,7 +268,7 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
 
         path = runner.cache.artifact_dir(key, make)
         out[vid] = {"id": vid, "label": label, "protector": spec.name, "params": spec.params, "mode": mode,
-                    "dir": str(path), "spec": spec}
+                    "dir": str(path), "spec": spec, "baseline": not out}  # _variants lists the baseline first
     return out
 
 
@@ -283,7 +305,30 @@ def profile_cells(runner) -> list[dict[str, Any]]:
 
 
 def run_config(runner) -> int:
-    """Profile the config's latency cells; write one record per cell."""
+    """Profile the config's latency cells; write one record per cell.
+
+    Holds the machine's profiler lock (``profiler.lock`` in the cache root) meanwhile, so two runs sharing a cache
+    never measure latency at the same time: the second logs one line and waits."""
+    import contextlib
+    import fcntl
+    import logging
+
+    @contextlib.contextmanager
+    def machine_lock():
+        path = Path(runner.cache.root) / "profiler.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logging.getLogger(__name__).warning(
+                    "profiler: another run is measuring latency with this cache (%s); waiting for it to finish", path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     prof = runner.cfg.profile
     cells = profile_cells(runner)
     todo = [c for c in cells if not runner.store.has(c)]
@@ -291,8 +336,8 @@ def run_config(runner) -> int:
         return 0
     host_gcm = None
     done = 0
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="profile", disable=not runner.progress,
-              unit="cell") as bar:
+    with machine_lock(), tqdm(total=len(cells), initial=len(cells) - len(todo), desc="profile",
+                              disable=not runner.progress, unit="cell") as bar:
         for model_name in prof.models:
             deployments = None
             for target_name in prof.targets:

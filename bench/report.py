@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from protectors.core.atomic import atomic_write_text
+from protectors.core.errors import BenchError
 
 from . import plots, tables
-from .records import RecordStore
+from .records import RecordStore, baselines
 
-PLOT_TITLES = {"security_vs_cost": "Security vs cost", "finetune": "Fine-tuning vs scratch",
-               "pruning": "Accuracy vs pruning ratio", "guessing": "Password guessing", "overhead": "Latency overhead"}
+#: the titles of the harness's own plots (an attack's plots carry the title the attack declares)
+PLOT_TITLES = {"security_vs_cost": "Security vs cost", "overhead": "Latency overhead"}
+DIRTY = "-dirty"
+
+log = logging.getLogger(__name__)
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]:
-    """Plain-language findings, each sentence computed from the tables."""
+def _vs(baseline: set[str]) -> str:
+    return " or ".join(sorted(baseline)) or "the baseline"
+
+
+def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame, baseline: set[str] = frozenset()) -> list[str]:
+    """Plain-language findings, each sentence computed from the tables; ``baseline``: the protector labels that
+    declare no secret (never said to be broken, never listed as an overhead)."""
     lines = []
     if len(eff):
         worst = tables.worst_case(eff, att)
@@ -31,21 +42,21 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame) -> list[str]
             s = (f"**{e['protector']}** on {e['dataset']}/{e['model']}: authorized accuracy {e['auth_acc']:.3f} "
                  f"(loss {e['acc_loss']:+.3f} vs clean {e['clean_acc']:.3f}); a thief running the copied artifact "
                  f"gets {e['stolen_acc']:.3f}")
-            if w["worst_attack"] != "none" and not np.isnan(w["worst_gain"]):
+            if not np.isnan(w["worst_gain"]):
                 share = w["worst_stolen_acc"] / e["clean_acc"] if e["clean_acc"] else np.nan
                 s += (f"; the strongest attack (the defender's worst case over the attacks, scored on the test set: "
                       f"{w['worst_attack']}) reaches {w['worst_stolen_acc']:.3f}, "
                       f"{_pct(share)} of clean accuracy, {w['worst_gain']:+.3f} over training from scratch")
-                if e["protector"] != "none" and share >= 0.9 and w["worst_gain"] > 0.1:
+                if e["protector"] not in baseline and share >= 0.9 and w["worst_gain"] > 0.1:
                     s += " — **this attack breaks the protection at this budget**"
             lines.append(s + ".")
     if len(ov):
         d = ov.dropna(subset=["overhead"])
-        d = d[d["protector"] != "none"]
+        d = d[~d["protector"].isin(baseline)]
         for (model, target), g in d.groupby(["model", "target"], sort=False):
             parts = [f"{r['protector']} {r['mode']} ×{r['overhead']:.3f}" + _interval(r) for _, r in g.iterrows()]
-            lines.append(f"Latency overhead, {model} on {target} (p50 ratio vs none, interleaved, 95% interval): "
-                         + ", ".join(parts) + ".")
+            lines.append(f"Latency overhead, {model} on {target} (p50 ratio vs {_vs(baseline)}, interleaved, 95% "
+                         "interval): " + ", ".join(parts) + ".")
     return lines
 
 
@@ -55,40 +66,64 @@ def _interval(row) -> str:
     return f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) and pd.notna(hi) else ""
 
 
-def _plots(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame,
-           out: Path) -> dict[str, list[Path]]:
-    """Every plot that has data, drawn from the tables the report already built (not rebuilt per plot)."""
-    made = {"pruning": plots.pruning(att, out / "pruning"), "finetune": plots.finetune(att, out / "finetune"),
-            "guessing": plots.guessing(records, out / "guessing"), "overhead": plots.overhead(ov, out / "overhead"),
-            "security_vs_cost": plots.security_vs_cost(eff, att, out / "security_vs_cost")}
-    return {k: v for k, v in made.items() if v}
+def provenance_line(records: list[dict]) -> str:
+    """One line: how many records were computed from a tree with uncommitted changes (``-dirty``), at which commits."""
+    commits = [(r.get("provenance") or {}).get("git_commit") for r in records]
+    dirty = Counter(c.removesuffix(DIRTY)[:7] for c in commits if isinstance(c, str) and c.endswith(DIRTY))
+    unknown = sum(1 for c in commits if not isinstance(c, str))
+    if not dirty:
+        line = f"Provenance: none of the {len(records)} records comes from a dirty tree"
+    else:
+        at = ", ".join(f"{c} ({n})" for c, n in sorted(dirty.items(), key=lambda kv: (-kv[1], kv[0])))
+        line = (f"**Provenance: {sum(dirty.values())} of {len(records)} records come from a dirty tree** "
+                f"(uncommitted changes) at {at}")
+    return line + (f"; {unknown} name no commit." if unknown else ".")
+
+
+def _plots(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame, out: Path,
+           baseline: set[str]) -> dict[str, tuple[str, list[Path]]]:
+    """Every plot that has data, drawn from the tables the report already built (not rebuilt per plot): the figures
+    the attacks declare, then the harness's own. ``name -> (title, files)``."""
+    made = plots.attack_figures(records, att, out, baseline)
+    made["overhead"] = (PLOT_TITLES["overhead"], plots.overhead(ov, out / "overhead", baseline))
+    made["security_vs_cost"] = (PLOT_TITLES["security_vs_cost"], plots.security_vs_cost(eff, att,
+                                                                                         out / "security_vs_cost"))
+    return {k: v for k, v in made.items() if v[1]}
 
 
 def write(run_dir: str | Path) -> Path:
-    """Rebuild ``tables/``, ``plots/`` and ``REPORT.md`` in ``run_dir`` from its records; return REPORT.md's path."""
+    """Rebuild ``tables/``, ``plots/`` and ``REPORT.md`` in ``run_dir`` from its records; return REPORT.md's path.
+
+    Raises :class:`BenchError` (one line) for a directory without records, a damaged record, or records of two
+    settings of one table row."""
     run_dir = Path(run_dir)
-    records = RecordStore(run_dir).load_all()
+    store = RecordStore(run_dir)
+    records = store.load_all()
+    if not records:
+        raise BenchError(f"{store.dir}: no records in it (run 'python -m bench run --out {run_dir}' first)")
+    baseline = baselines(records)
     eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
-    guesses = att[att["overlap_mean"].notna()] if "overlap_mean" in att else att.iloc[0:0]
-    frames = {"comparison": (tables.comparison(records, eff, att, ov), tables.COMPARISON),
-              "effectiveness": (eff, tables.EFFECTIVENESS), "attacks": (att, tables.ATTACKS),
-              "guessing": (guesses.reset_index(drop=True), tables.GUESSING),
-              "overhead": (ov, tables.OVERHEAD_SHOWN)}
-    made = _plots(records, eff, att, ov, run_dir / "plots")
+    frames = {"comparison": (tables.comparison(records, eff, att, ov), tables.COMPARISON, set()),
+              "effectiveness": (eff, tables.EFFECTIVENESS, set()), "attacks": (att, tables.ATTACKS, set()),
+              **tables.declared_tables(records, att),
+              "overhead": (ov, tables.OVERHEAD_SHOWN, set())}
+    made = _plots(records, eff, att, ov, run_dir / "plots", baseline)
     parts = [f"# Report: {run_dir.name}\n",
              f"Built by `python -m bench report {run_dir}` from {len(records)} records in `records/` "
-             "(accuracies are fractions; `mean ± std` over seeds where there are several).\n"]
-    found = summary(eff, att, ov)
+             "(accuracies are fractions; `mean ± std` over seeds where there are several).\n",
+             provenance_line(records) + "\n"]
+    found = summary(eff, att, ov, baseline)
     if found:
         parts.append("## Summary\n\n" + "\n".join(f"- {s}" for s in found) + "\n")
-    for name, files in made.items():
+    for name, (title, files) in made.items():
         png = next(p for p in files if p.suffix == ".png")
-        parts.append(f"## {PLOT_TITLES.get(name, name)}\n\n![{name}](plots/{png.name})\n")
-    for name, (df, cols) in frames.items():
+        parts.append(f"## {title}\n\n![{name}](plots/{png.name})\n")
+    for name, (df, cols, whole) in frames.items():
         if len(df) == 0:
             continue
-        tables.write(df, cols, run_dir / "tables" / name)
-        parts.append(f"## Table: {name}\n\n{tables.display(df, cols).to_markdown(index=False)}\n")
+        tables.write(df, cols, run_dir / "tables" / name, whole)
+        parts.append(f"## Table: {name}\n\n{tables.display(df, cols, whole).to_markdown(index=False)}\n")
     path = run_dir / "REPORT.md"
     atomic_write_text(path, "\n".join(parts))
+    log.debug("%s: %d records, %d plots, %d tables", path, len(records), len(made), len(frames))
     return path

@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -21,7 +20,7 @@ from attacks import Loot, Outcome, ThiefContext
 from attacks import attacks as attack_registry
 from protectors.core.artifact import Artifact
 from protectors.core.base import PluginContext, Protector
-from protectors.core.crypto import create_key_file, key_id, load_key, secret_seed
+from protectors.core.crypto import device_key, key_id, secret_seed
 from protectors.core.errors import NotApplicable
 from protectors.core.hashing import canonical_json
 from protectors.core.identity import code_digest, plugin_identity
@@ -177,7 +176,8 @@ class Workbench:
 class Runner:
     def __init__(self, cfg: RunConfig, out: str | Path, data_root: str | None = None, download: bool = False,
                  key_file: str | None = None, key_format: str | None = None, cache_dir: str | Path | None = None,
-                 progress: bool = True, profile: bool = True):
+                 progress: bool = True, profile: bool = True, create_key: bool = True,
+                 expect_key_id: str | None = None):
         #: how to build this runner again in another process (never the key itself: workers load it themselves)
         self.spec = {"cfg": cfg, "out": str(out), "data_root": data_root, "download": download, "key_file": key_file,
                      "key_format": key_format, "cache_dir": str(cache_dir) if cache_dir else None}
@@ -185,7 +185,10 @@ class Runner:
         self.data_root, self.download, self.progress, self.do_profile = data_root, download, progress, profile
         root = Path(cache_dir) if cache_dir else data.cache_dir()
         # No key given anywhere: the suite's own device key, outside any results directory, created once (0600).
-        self.key = load_key(key_file, key_format) or create_key_file(root / "device.key")
+        # A Dask worker (create_key=False, expect_key_id: the run's) uses the run's key or refuses, never its own.
+        self.key = device_key(key_file, key_format, root / "device.key", create=create_key, expect_id=expect_key_id)
+        #: what a worker checks its own key against (the key id reveals nothing about the key)
+        self.spec["key_id"] = key_id(self.key)
         self.cache = Cache(root, self.key)
         self.store = RecordStore(self.out)
         self._benches: dict[tuple, Workbench] = {}
@@ -222,15 +225,41 @@ class Runner:
                                                       "label": p.label, "attack": akey, "attack_label": a.label,
                                                       "param": param, "attack_seed": aseed}
 
+    def cell_order(self, cell: dict[str, Any]) -> dict[str, int]:
+        """Where ``cell`` comes in this config, per table column (recorded as the record's ``order``, so the tables
+        list rows as the config lists them): its experiment (dataset, model), its protector and attack settings,
+        and for a latency cell its model and target in ``[profile]``. The cell itself stays as it was, so its hash
+        (the record's name) does not depend on the config's order."""
+        cfg = self.cfg
+        if cell.get("kind") == "profile":
+            labels = [p.label for p in cfg.protectors]
+            found = {"model": cfg.profile.models.index(cell["model"]) if cell["model"] in cfg.profile.models else None,
+                     "target": cfg.profile.targets.index(cell["target"])
+                     if cell["target"] in cfg.profile.targets else None,
+                     # the baseline the profiler adds when the config has none comes first
+                     "protector": labels.index(cell["protector"]) if cell["protector"] in labels else -1}
+            return {k: v for k, v in found.items() if v is not None}
+        exp = next((i for i, e in enumerate(cfg.experiments) if e.dataset == cell["dataset"]
+                    and e.model == cell["model"] and e.regime == cell.get("regime", "")), None)
+        found = {"dataset": exp, "model": exp,
+                 "protector": next((i for i, p in enumerate(cfg.protectors) if p.label == cell["label"]), None)}
+        if cell.get("kind") == "attack":
+            found["attack"] = next((i for i, a in enumerate(cfg.attacks) if a.label == cell["attack_label"]), None)
+        return {k: v for k, v in found.items() if v is not None}
+
     def run(self, executor=None) -> dict[str, int]:
         """Run every missing cell (serially, or on ``executor``, e.g. :class:`bench.executor.DaskExecutor`), then
         the latency profiler alone, after all of them, then the report."""
         from . import profiler, report
 
         cells = list(self.cells())
-        # Records of these cells made by an older version of a plugin's code are recomputed below: moved aside
-        # first, so that no table counts a cell twice.
-        superseded = self.store.retire_superseded([c for _, _, c in cells] + profiler.profile_cells(self))
+        self.store.order = self.cell_order
+        profiling = self.do_profile and bool(self.cfg.profile.targets)
+        # Records of other settings of the rows this config computes (an older version of a plugin's code, other
+        # attack or training parameters) are moved aside first, so that every table row holds one setting. Latency
+        # rows only when this run measures them again.
+        superseded = self.store.retire_superseded([c for _, _, c in cells]
+                                                  + (profiler.profile_cells(self) if profiling else []))
         todo = [(k, e, c) for k, e, c in cells if not self.store.has(c)]
         threads = torch.get_num_threads()
         with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.cfg.name} cells",
@@ -246,13 +275,14 @@ class Runner:
             else:
                 executor.run(self, todo, on_done=lambda: bar.update(1))
         # Latency only now, with nothing else running on this machine (the executor's workers are gone).
-        profiled = profiler.run_config(self) if self.do_profile and self.cfg.profile.targets else 0
+        profiled = profiler.run_config(self) if profiling else 0
         report.write(self.out)
         return {"cells": len(cells), "ran": len(todo), "profiled": profiled, "superseded": superseded}
 
     def run_cell(self, kind: str, exp: Experiment, cell: dict[str, Any]) -> str:
         """Compute one cell and write its record; returns the record's name. Cells of a workbench share its data
         and models while it is kept (``bench_slots``)."""
+        self.store.order = self.cell_order  # a Dask worker's runner runs cells without run()
         wb_key = (exp, cell["seed"])
         if wb_key not in self._benches:
             while len(self._benches) >= self.bench_slots:  # least recently used out
@@ -289,9 +319,10 @@ class Runner:
     def attack(self, wb: Workbench, spec: PluginSpec, aspec: PluginSpec, param: str, aseed: int) -> dict[str, Any]:
         protector, artifact = wb.artifact(spec)
         attack = attack_registry.get(aspec.name)(**aspec.params)
+        declaration = attack.declaration(param)  # how the report shows this row (its plot, its table)
         why = attack.not_applicable(protector, artifact)
         if why:
-            return {"applicable": False, "note": why}
+            return {"applicable": False, "note": why, "declaration": declaration}
         loot = Loot(artifact=artifact, protector=protector, model_factory=wb.thief_factory(aseed))
         ctx = wb.thief_context(aseed)
         t0 = time.perf_counter()
@@ -308,12 +339,9 @@ class Runner:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
         if o.guess is not None:
             extra.update(protector.compare_secret(artifact, self.key, o.guess))
-        if "test_accs" in extra:
-            clean = wb.clean_acc
-            accs = np.asarray(extra["test_accs"])
-            extra["n_pass50"] = int((accs >= 0.5 * clean).sum())
-            extra["n_pass80"] = int((accs >= 0.8 * clean).sum())
+        # What the attack derives from its own numbers once the clean accuracy is known (the attack never sees it).
+        extra.update(attack.derived(extra, wb.clean_acc))
         scratch = wb.scratch_acc(*o.budget, seed=aseed, lr=o.lr)
         return {"applicable": True, "stolen_acc_after": stolen_after, "auth_acc_after": auth_after,
                 "scratch_acc": scratch, "gain": stolen_after - scratch, "budget": list(o.budget), "extra": extra,
-                "seconds": seconds, "note": note}
+                "seconds": seconds, "note": note, "declaration": declaration}

@@ -1,11 +1,24 @@
 """Key input is strict: a malformed key from any source is an error, never a fallback; weak keys are refused."""
 
+import contextlib
 import os
+import threading
+import time
 import warnings
 
 import pytest
 
-from protectors.core.crypto import KEY_ENV, KEY_FILE_ENV, KEY_FORMAT_ENV, KeyFileWarning, create_key_file, load_key
+from protectors.core.crypto import (
+    KEY_ENV,
+    KEY_FILE_ENV,
+    KEY_FORMAT_ENV,
+    KeyFileWarning,
+    create_key_file,
+    device_key,
+    forget_env_key,
+    key_id,
+    load_key,
+)
 from protectors.core.errors import KeyMaterialError
 
 GOOD = bytes(range(32))
@@ -15,6 +28,9 @@ GOOD = bytes(range(32))
 def _no_key_env(monkeypatch):
     for name in (KEY_ENV, KEY_FILE_ENV, KEY_FORMAT_ENV):
         monkeypatch.delenv(name, raising=False)
+    forget_env_key()  # a key an earlier test put in $EDGEPRO_BENCH_KEY is held in memory once read
+    yield
+    forget_env_key()
 
 
 def key_file(tmp_path, data: bytes, mode: int = 0o600):
@@ -97,3 +113,52 @@ def test_profiler_child_gets_the_key_through_a_pipe_not_the_environment():
     src = inspect.getsource(profiler.run_target)
     assert "input=runner.key.hex()" in src and "KEY_ENV" not in src
     assert "sys.stdin" in inspect.getsource(profiler.child)
+
+
+def test_env_key_is_read_once_and_leaves_the_environment(monkeypatch):
+    """$EDGEPRO_BENCH_KEY is taken out of os.environ when first read (no child process inherits it), and the
+    process keeps the key: a second read gives it again."""
+    monkeypatch.setenv(KEY_ENV, GOOD.hex())
+    assert load_key() == GOOD
+    assert KEY_ENV not in os.environ
+    assert load_key() == GOOD
+    monkeypatch.setenv(KEY_ENV, bytes(range(1, 33)).hex())  # set again: the new one replaces it
+    assert load_key() == bytes(range(1, 33)) and KEY_ENV not in os.environ
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_key_file_that_is_not_a_regular_file_is_refused_without_hanging(tmp_path, kind):
+    path = tmp_path / "k.key"
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: reading it would block forever
+    else:
+        path.mkdir()
+    what = "a named pipe" if kind == "fifo" else "a directory"
+    unblock = threading.Timer(5, _open_writer, [path])  # without the fix, ends the hang so that the test fails
+    unblock.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyMaterialError, match=f"k.key: key file must be a regular file, this is {what}"):
+            load_key(path)
+    finally:
+        unblock.cancel()
+    assert time.monotonic() - t0 < 4
+
+
+def _open_writer(path):
+    with contextlib.suppress(OSError):  # ENXIO: no reader is waiting (the refusal did not open it blocking)
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_device_key_never_created_where_creation_is_off_and_checked_against_the_expected_id(tmp_path):
+    default = tmp_path / "cache" / "device.key"
+    with pytest.raises(KeyMaterialError, match=r"no device key found \(the run's key id is abc\); looked in: .*"
+                       r"EDGEPRO_BENCH_KEY_FILE unset, no .*device.key; a key is never created here"):
+        device_key(default=default, create=False, expect_id="abc")
+    assert not default.exists()
+    key = device_key(default=default)  # created once where creation is on
+    assert default.exists() and device_key(default=default, create=False, expect_id=key_id(key)) == key
+    other = key_file(tmp_path, bytes(range(1, 33)).hex().encode())
+    with pytest.raises(KeyMaterialError, match=rf"wrong device key: key id {key_id(bytes(range(1, 33)))} from key "
+                       rf"file .*k.key, but the run's key id is {key_id(key)}"):
+        device_key(other, default=default, create=False, expect_id=key_id(key))

@@ -11,14 +11,17 @@ def rec(cell, result):
 
 
 def eff(protector, seed, clean, auth, stolen):
+    kind = "none" if protector == "none" else "neuron-mask"  # what the protector declares (the baseline: none)
     return rec({"kind": "effectiveness", "dataset": "digits", "model": "lenet5", "seed": seed, "label": protector},
                {"clean_acc": clean, "auth_acc": auth, "acc_loss": clean - auth, "stolen_acc": stolen,
-                "secret_bytes": 10, "artifact_bytes": 100, "keyspace_bits": 8.0})
+                "secret_bytes": 10, "artifact_bytes": 100, "keyspace_bits": 8.0,
+                "declaration": {"secret_kind": kind, "modes": ["default"]}})
 
 
 def att(protector, attack, param, seed, stolen, scratch, auth=None, **extra):
+    # a record of schema 1 (no declaration): the report asks the registered attack named in the cell for its plot
     return rec({"kind": "attack", "dataset": "digits", "model": "lenet5", "seed": seed, "label": protector,
-                "attack_label": attack, "param": param},
+                "attack_label": attack, "param": param, "attack": {"name": attack, "params": {}}},
                {"applicable": True, "stolen_acc_after": stolen, "auth_acc_after": auth, "scratch_acc": scratch,
                 "gain": stolen - scratch, "extra": extra, "note": ""})
 
@@ -29,12 +32,14 @@ RECORDS = [eff("none", 0, 0.9, 0.9, 0.9), eff("edgepro", 0, 0.9, 0.88, 0.1), eff
            att("edgepro", "prune-channel", "r=0.5", 0, 0.2, 0.1),
            att("edgepro", "prune-channel", "r=0.5+ft", 0, 0.4, 0.3),
            rec({"kind": "attack", "dataset": "digits", "model": "lenet5", "seed": 0, "label": "aes",
-                "attack_label": "guess-random", "param": "N=3"}, {"applicable": False, "note": "n/a: infeasible"})]
+                "attack_label": "guess-random", "param": "N=3", "attack": {"name": "guess-random", "params": {}}},
+               {"applicable": False, "note": "n/a: infeasible"})]
 
 
 def test_effectiveness_mean_std_and_order():
     df = tables.effectiveness(RECORDS)
-    assert list(df["protector"]) == ["none", "edgepro"]  # built-ins first, in a fixed order
+    # no record says where its config put it: the baseline (declared secret kind "none") first, then natural order
+    assert list(df["protector"]) == ["none", "edgepro"]
     e = df[df["protector"] == "edgepro"].iloc[0]
     assert e["clean_acc"] == pytest.approx(0.91) and e["n"] == 2 and e["acc_loss_std"] == pytest.approx(0.0)
     shown = tables.display(df, tables.EFFECTIVENESS)
@@ -71,3 +76,22 @@ def test_report_on_malformed_record_names_the_file(tmp_path):
         report.write(tmp_path)
     with pytest.raises(BenchError, match="no records directory"):
         report.write(tmp_path / "nothing")
+
+
+def test_attacks_declare_the_guessing_table_and_its_counts(tmp_path):
+    """The guessing table holds the rows of the attacks that declare it (not rows picked by a field's name), and
+    the counts they declare (derived by the attack from its own guesses) show as whole numbers."""
+    recs = [r for r in RECORDS if (r["cell"]["label"], r["cell"].get("attack_label")) != ("edgepro", "guess-random")]
+    recs += [att("edgepro", "guess-random", "N=3", 0, 0.3, 0.2, test_accs=[0.1, 0.3, 0.2], n_pass50=1),
+             att("edgepro", "guess-random", "N=3", 1, 0.5, 0.2, test_accs=[0.5, 0.4, 0.2], n_pass50=2)]
+    (tmp_path / "records").mkdir()
+    for i, r in enumerate(recs):
+        (tmp_path / "records" / f"{i}.json").write_text(json.dumps(r))
+    text = report.write(tmp_path).read_text()
+    guessing = (tmp_path / "tables" / "guessing.csv").read_text().splitlines()
+    assert len(guessing) == 2 and guessing[1].startswith("digits,lenet5,edgepro,guess-random,N=3,")
+    (df, cols, whole), = tables.declared_tables(recs, tables.attacks(recs)).values()
+    assert whole == {"n_pass50", "n_pass80"} and cols[-5:] == ["best_test_acc", "median_test_acc", "n_pass50",
+                                                                 "n_pass80", "overlap_mean"]
+    assert tables.display(df, cols, whole).loc[0, "n_pass50"] == "2"  # the mean over seeds, 1.5, shown as a count
+    assert "Provenance: none of the 10 records comes from a dirty tree; 10 name no commit." in text

@@ -8,7 +8,13 @@ it) so that a wrong key is told apart from a tampered artifact.
 
 Key input is strict: a key given in any form that does not parse is an error, never a fallback to another key;
 hex and raw keys are told apart by an explicit format (``hex`` by default), never by length; weak keys (one byte
-repeated, e.g. all zeros) are refused; a key file readable by group or others gives a warning.
+repeated, e.g. all zeros) are refused; a key file readable by group or others gives a warning; a key file that
+is not a regular file (a named pipe, a device) is refused rather than read, so a FIFO with no writer cannot hang a
+run.
+
+A key given in ``$EDGEPRO_BENCH_KEY`` is read once into this process's memory and removed from ``os.environ``
+(:func:`take_env_key`), so that no child process (Dask workers, the multiprocessing resource tracker, ``git``)
+inherits it.
 """
 
 from __future__ import annotations
@@ -105,12 +111,34 @@ def _warn_if_readable(path: Path) -> None:
                       f"chmod 600 it", KeyFileWarning, stacklevel=3)
 
 
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def read_key_file(path: str | os.PathLike, fmt: str = "hex") -> bytes:
+    """The key in the regular file ``path``. Anything else (a named pipe, a device, a directory) is refused
+    without reading: opened non-blocking, so a FIFO with no writer fails at once instead of hanging."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise KeyMaterialError(f"{path}: cannot read key file ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise KeyMaterialError(f"{path}: key file must be a regular file, this is {_file_kind(mode)}; "
+                                   f"write the key to a file (mode 0600) and give that")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(64 * 1024 + 1)  # a key is 32 bytes or 64 hex digits: never read a huge file whole
+    except OSError as exc:
+        raise KeyMaterialError(f"{path}: cannot read key file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
     _warn_if_readable(path)
     return parse_key(raw, str(path), fmt)
 
@@ -119,21 +147,73 @@ def key_format(fmt: str | None = None) -> str:
     return fmt or os.environ.get(KEY_FORMAT_ENV) or "hex"
 
 
-def load_key(key_file: str | os.PathLike | None = None, fmt: str | None = None) -> bytes | None:
-    """The device key from ``key_file``, else ``$EDGEPRO_BENCH_KEY`` (hex), else ``$EDGEPRO_BENCH_KEY_FILE``.
+#: ``$EDGEPRO_BENCH_KEY`` as it was given, once :func:`take_env_key` moved it out of ``os.environ``
+_env_key: str | None = None
 
-    Returns ``None`` only when no source is given at all; a source that is given but unusable is an error.
-    """
-    fmt = key_format(fmt)
+
+def take_env_key() -> None:
+    """Move ``$EDGEPRO_BENCH_KEY`` out of ``os.environ`` into this process's memory (parsed later, by
+    :func:`load_key`), so that no child process started from now on inherits the key. Call it before starting any
+    (the CLI does, first thing); :func:`load_key` calls it too. Setting the variable again replaces the held key."""
+    global _env_key
+    value = os.environ.pop(KEY_ENV, None)
+    if value is not None:
+        _env_key = value
+
+
+def forget_env_key() -> None:
+    """Drop the key :func:`take_env_key` holds (tests, and a process that is done with it)."""
+    global _env_key
+    _env_key = None
+
+
+def _find_key(key_file: str | os.PathLike | None, fmt: str) -> tuple[bytes | None, str]:
+    """The key from the first source given, and where it came from (for messages)."""
     if key_file is not None:
-        return read_key_file(key_file, fmt)
-    if KEY_ENV in os.environ:
-        return parse_key(os.environ[KEY_ENV].encode(), f"${KEY_ENV}", "hex")
+        return read_key_file(key_file, fmt), f"key file {key_file}"
+    take_env_key()
+    if _env_key is not None:
+        return parse_key(_env_key.encode(), f"${KEY_ENV}", "hex"), f"${KEY_ENV}"
     if KEY_FILE_ENV in os.environ:
         if not os.environ[KEY_FILE_ENV]:
             raise KeyMaterialError(f"${KEY_FILE_ENV}: set but empty")
-        return read_key_file(os.environ[KEY_FILE_ENV], fmt)
-    return None
+        return read_key_file(os.environ[KEY_FILE_ENV], fmt), f"${KEY_FILE_ENV} ({os.environ[KEY_FILE_ENV]})"
+    return None, f"no key file given, ${KEY_ENV} and ${KEY_FILE_ENV} unset"
+
+
+def load_key(key_file: str | os.PathLike | None = None, fmt: str | None = None) -> bytes | None:
+    """The device key from ``key_file``, else ``$EDGEPRO_BENCH_KEY`` (hex; taken out of the environment, see
+    :func:`take_env_key`), else ``$EDGEPRO_BENCH_KEY_FILE``.
+
+    Returns ``None`` only when no source is given at all; a source that is given but unusable is an error.
+    """
+    return _find_key(key_file, key_format(fmt))[0]
+
+
+def device_key(key_file: str | os.PathLike | None = None, fmt: str | None = None,
+               default: str | os.PathLike | None = None, create: bool = True, expect_id: str | None = None) -> bytes:
+    """The device key as :func:`load_key` finds it, else the one in ``default`` (created there once, mode 0600,
+    when ``create``).
+
+    A process that must use someone else's key (a Dask worker: ``create=False`` and ``expect_id``, the
+    :func:`key_id` of the run's key) never creates one, and refuses a key whose id differs: either is a
+    :class:`KeyMaterialError` naming both key ids and where it looked.
+    """
+    key, where = _find_key(key_file, key_format(fmt))
+    if key is None and default is not None:
+        default = Path(default)
+        if create or default.exists():
+            key, where = create_key_file(default), str(default)
+        else:
+            where = f"{where}, no {default}"
+    if key is None:
+        wanted = f" (the run's key id is {expect_id})" if expect_id else ""
+        raise KeyMaterialError(f"no device key found{wanted}; looked in: {where}; a key is never created here: "
+                               f"give the run's key (README: Run on a cluster)")
+    if expect_id is not None and key_id(key) != expect_id:
+        raise KeyMaterialError(f"wrong device key: key id {key_id(key)} from {where}, but the run's key id is "
+                               f"{expect_id}; give every worker the run's key (README: Run on a cluster)")
+    return key
 
 
 def create_key_file(path: str | os.PathLike) -> bytes:

@@ -16,7 +16,8 @@ class Registry(Generic[T]):
 
     Built-ins register with :meth:`register`; third-party packages add an entry point in ``group`` whose value is
     ``"package.module:Class"``. Entry points are read the first time a name is missed or all names are listed, so
-    a broken third-party plugin never stops the built-ins from working.
+    a broken third-party plugin never stops the built-ins from working; asking for a broken one by name is an
+    :class:`UnknownNameError` (one line) whatever its import raised.
     """
 
     def __init__(self, kind: str, group: str | None = None, base: type | None = None):
@@ -86,8 +87,10 @@ class Registry(Generic[T]):
             module, _, attr = obj.partition(":")
             try:
                 loaded = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as exc:
-                raise UnknownNameError(f"{self.kind} {name!r}: cannot load {obj!r}: {exc}") from exc
-            self._check(name, loaded)
+                self._check(name, loaded)
+            except Exception as exc:  # any error in a plugin's import (SyntaxError, NameError, ...): one line
+                why = str(exc).splitlines()[0] if str(exc).strip() else ""
+                raise UnknownNameError(f"{self.kind} {name!r}: cannot load {obj!r}: {type(exc).__name__}"
+                                       f"{': ' + why if why else ''}") from exc
             self._items[name] = obj = loaded
         return obj  # type: ignore[return-value]
