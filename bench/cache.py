@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -70,6 +71,16 @@ def load_model_bytes(model: nn.Module, data: bytes) -> nn.Module:
     return model
 
 
+def _read_entry(path: Path) -> bytes:
+    """A cache file's bytes; anything that is not a readable regular file is a damaged entry."""
+    if not path.is_file():
+        raise DamagedEntry("not a regular file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DamagedEntry(f"unreadable ({exc.strerror or exc})") from None
+
+
 def _read_metadata(data: bytes) -> dict:
     import json
 
@@ -108,9 +119,11 @@ class Cache:
         with self._locked(path):
             if path.exists():
                 try:
-                    return load_model_bytes(build(), path.read_bytes()).eval()
+                    return load_model_bytes(build(), _read_entry(path)).eval()
                 except DamagedEntry as exc:
                     self._damaged(path, str(exc))
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)  # the rebuilt file takes its place
             model = train(build())
             atomic_write_bytes(path, model_bytes(model))
         return model.eval()

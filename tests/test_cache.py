@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_safe_files
 from torch import nn
 
 import protectors
@@ -49,8 +50,10 @@ def test_damaged_model_entry_warns_once_and_is_rebuilt(tmp_path):
     with pytest.warns(CacheWarning, match="unreadable"):
         cache.model({"k": 1}, build, counting_train(log))
     assert log.read_text() == "xxx"
+    assert set(assert_safe_files(tmp_path / "models").values()) == {"safetensors", "empty"}  # entries and lock files
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_artifact_entry_is_rebuilt(tmp_path, clean_lenet, ctx):
     cache = Cache(tmp_path, KEY)
     p = protectors.get("aes")
@@ -71,6 +74,7 @@ def test_damaged_or_foreign_artifact_entry_is_rebuilt(tmp_path, clean_lenet, ctx
     assert len(made) == 3
 
 
+@pytest.mark.slow
 def test_a_genuine_artifact_of_another_cell_swapped_in_is_refused(tmp_path, clean_lenet, ctx):
     """Rolling an entry back to another genuine artifact under the same key (an older build, or another cell's) is
     caught: the artifact's authenticated metadata names the cell it was built for."""
@@ -107,3 +111,14 @@ def test_two_processes_train_a_shared_entry_once(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert log.read_text() == "x"
+
+
+def test_a_cached_model_path_that_is_a_directory_is_rebuilt(tmp_path):
+    cache = Cache(tmp_path, KEY)
+    log = tmp_path / "log"
+    path = tmp_path / "models" / f"{cache._hash({'dir': 1})}.safetensors"
+    path.mkdir(parents=True)
+    (path / "junk").write_text("x")
+    with pytest.warns(CacheWarning, match="not a regular file"):
+        cache.model({"dir": 1}, build, counting_train(log))
+    assert path.is_file() and log.read_text() == "x"

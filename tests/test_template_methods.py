@@ -59,3 +59,29 @@ def test_every_registered_protector_writes_the_underscored_methods():
             continue
         for method in TEMPLATE_METHODS:
             assert getattr(cls, method) is getattr(Protector, method), (name, method)
+
+
+def test_the_default_onnx_load_authenticates_like_deploy(tmp_path):
+    """The base class's own ONNX build and load (he-paillier and the example plugin use them) go through the key
+    check: a wrong key, or a graph swapped in from another genuine artifact, is refused."""
+    from protectors.core.artifact import Artifact
+    from protectors.core.errors import ArtifactError
+    from protectors.core.onnx_runtime import SEALED
+
+    cls = type("Onnxed", (_DeployMixin, _Plain), {"name": "onnxed-test"})
+    factory = models.factory("lenet5", 1, 8, 10, seed=0)
+    example = torch.zeros(1, 1, 8, 8)
+    protector, built = cls(), []
+    for i in range(2):
+        artifact = protector.protect(factory(), latency_context(factory, example, 10, i), KEY)
+        protector.onnx_build(artifact, KEY, factory, "default", example)
+        artifact.seal(KEY)
+        artifact.save(tmp_path / str(i))
+        built.append(tmp_path / str(i))
+    run = protector.onnx_load(Artifact.load(built[0]), KEY, "default")
+    assert run(example.numpy()).shape == (1, 10)
+    with pytest.raises(KeyMaterialError):
+        protector.onnx_load(Artifact.load(built[0]), OTHER, "default")
+    (built[0] / SEALED).write_bytes((built[1] / SEALED).read_bytes())
+    with pytest.raises(ArtifactError):
+        protector.onnx_load(Artifact.load(built[0]), KEY, "default")
