@@ -253,8 +253,8 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
         name=name, seeds=seeds, attack_seeds=attack_seeds, profile=profile,
         experiments=experiments,
         # Every cell is (protector × ...): with none the run would do nothing and leave no records to report.
-        protectors=_plugins(src, "protectors", raw.get("protectors", [{"name": "none"}]), protector_registry,
-                            empty_hint="list at least one; 'none' is the unprotected baseline", hints=hints),
+        protectors=_plugins(src, "protectors", raw.get("protectors", []), protector_registry,
+                            empty_hint="list at least one (`python -m bench list` names them)", hints=hints),
         attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry, hints=hints),
     )
 

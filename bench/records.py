@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from protectors.core.atomic import atomic_write_text
+from protectors.core.base import NO_SECRET
 from protectors.core.errors import BenchError
 from protectors.core.hashing import canonical_json, config_hash
 
@@ -48,7 +49,7 @@ REPEATS = ("seed", "attack_seed")
 #: deeper JSON than this in a record is refused (no record the suite writes comes near it)
 MAX_DEPTH = 32
 #: the secret kind that makes a protector the baseline (it declares no secret)
-BASELINE_KIND = "none"
+BASELINE_KIND = NO_SECRET
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,103 @@ from protectors.core.base import PluginContext
 
 torch.set_num_threads(2)
 
+#: what a file's name declares it holds (the suite writes nothing else); ``.enc`` is an AES-GCM blob whose plaintext
+#: must itself be one of the safe formats
+DECLARED_FORMATS = {".json": "json", ".safetensors": "safetensors", ".onnx": "onnx", ".txt": "text", ".md": "text",
+                    ".csv": "text", ".tex": "text", ".key": "text", ".lock": "empty", ".png": "png", ".pdf": "pdf",
+                    ".enc": "aes-gcm"}
+
+
+def is_pickle(data: bytes) -> bool:
+    """Whether ``data`` is a pickle of any protocol (0–5: not only those that start with ``\\x80``) or a zip archive
+    (``torch.save``'s default format, a zip holding ``data.pkl``). Nothing is unpickled: pickletools only parses."""
+    import io
+    import pickletools
+
+    if data[:4] == b"PK\x03\x04":
+        return True
+    try:
+        pickletools.dis(data, out=io.StringIO())
+    except Exception:  # any parse failure (bad opcode, stack underflow, no STOP) means: not a pickle
+        return False
+    return True
+
+
+def parse_as(fmt: str, data: bytes) -> None:
+    """Parse ``data`` as ``fmt`` (raise if it does not parse); never calls a loader that can run code."""
+    import json
+
+    if fmt == "json":
+        json.loads(data)
+    elif fmt == "safetensors":
+        from safetensors.torch import load
+
+        header = int.from_bytes(data[:8], "little")
+        json.loads(data[8:8 + header])  # the header is JSON, then raw tensor bytes
+        load(data)
+    elif fmt == "onnx":
+        import onnx
+
+        assert len(onnx.load_from_string(data).graph.node) > 0
+    elif fmt == "text":
+        data.decode("utf-8")
+    elif fmt == "empty":
+        assert data == b"", "a lock file holds nothing"
+    elif fmt == "png":
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    elif fmt == "pdf":
+        assert data.startswith(b"%PDF-")
+    else:
+        raise AssertionError(f"unknown format {fmt!r}")
+
+
+def sniff_plaintext(data: bytes) -> str:
+    """The safe format a decrypted blob parses as (JSON, safetensors or ONNX), or raise AssertionError."""
+    for fmt in ("json", "safetensors", "onnx"):
+        try:
+            parse_as(fmt, data)
+            return fmt
+        except Exception:
+            continue
+    raise AssertionError(f"decrypted blob ({len(data)} bytes, starts {data[:16]!r}) is not JSON, safetensors or ONNX")
+
+
+def assert_safe_files(root, key: bytes | None = None) -> dict[str, str]:
+    """Every file under ``root`` (an artifact, a cache, a run directory) parses as the format its name declares,
+    and none, nor any decrypted blob, is a pickle or a zip. In an artifact directory every encrypted file is
+    decrypted with ``key`` (when given) and its plaintext must parse as JSON, safetensors or ONNX.
+
+    Returns ``{relative path: format}`` (``"aes-gcm/<plaintext format>"`` for decrypted blobs), so a caller can check
+    that the scan saw what it should have."""
+    from pathlib import Path
+
+    from protectors.core.artifact import META, Artifact
+    from protectors.core.crypto import NONCE_BYTES, TAG_BYTES
+
+    root = Path(root)
+    seen: dict[str, str] = {}
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        rel = str(path.relative_to(root)) if path != root else path.name
+        data = path.read_bytes()
+        assert not is_pickle(data), f"{rel} is a pickle (or a torch.save zip)"
+        fmt = DECLARED_FORMATS.get(path.suffix)
+        assert fmt is not None, f"{rel}: no declared format for suffix {path.suffix!r}"
+        if fmt == "aes-gcm":
+            assert len(data) >= NONCE_BYTES + TAG_BYTES, f"{rel}: too short for an AES-GCM blob"
+            seen[rel] = fmt
+            if key is not None and (path.parent / META).exists():
+                plain = Artifact.load(path.parent).decrypt(path.name, key)
+                assert not is_pickle(plain), f"{rel} decrypts to a pickle (or a torch.save zip)"
+                seen[rel] = f"aes-gcm/{sniff_plaintext(plain)}"
+            continue
+        try:
+            parse_as(fmt, data)
+        except Exception as exc:
+            raise AssertionError(f"{rel} does not parse as {fmt}: {exc!r}") from None
+        seen[rel] = fmt
+    return seen
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

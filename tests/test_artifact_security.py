@@ -172,6 +172,7 @@ def test_old_format_gets_a_clear_error(lenet, tmp_path):
         Artifact.load(path)
 
 
+@pytest.mark.slow
 def test_password_not_reproducible_from_public_inputs(clean_lenet, digits, lenet_factory, key, other_key):
     """The public config (seed, parameters) plus the clean model do not give the password; the key does."""
     from conftest import make_context

@@ -33,12 +33,14 @@ def test_unknown_attack_and_bad_params():
         attacks.get("finetune", fractions=[])
 
 
+@pytest.mark.slow
 def test_guess_attacks_explain_why_not_applicable(clean_lenet, ctx, key):
     aes = protectors.get("aes")
     why = attacks.get("guess-random").not_applicable(aes, aes.protect(clean_lenet, ctx, key))
     assert why.startswith("n/a: guess-random needs a secret of kind neuron-mask") and "encrypted-weights" in why
 
 
+@pytest.mark.slow
 def test_pruning_none_at_90_percent_drops_accuracy(clean_lenet, ctx, key, lenet_factory, thief):
     none = protectors.get("none")
     loot = Loot(none.protect(clean_lenet, ctx, key), none, lenet_factory)
@@ -51,6 +53,7 @@ def test_pruning_none_at_90_percent_drops_accuracy(clean_lenet, ctx, key, lenet_
     assert thief.evaluate(out.model) < before
 
 
+@pytest.mark.slow
 def test_unstructured_pruning_of_a_copy_with_zeroed_weights(clean_lenet, ctx, key, lenet_factory, thief):
     """shield-magnitude's copy has its top 10% of weights zeroed: pruning 10% then removes nothing new. That is a
     result (the record says how many were zero before), not an error; 50% still prunes."""
@@ -65,6 +68,7 @@ def test_unstructured_pruning_of_a_copy_with_zeroed_weights(clean_lenet, ctx, ke
     assert high["nonzero_after"] < low["nonzero_after"]
 
 
+@pytest.mark.slow
 def test_true_password_as_guess_reaches_authorized_accuracy(edgepro_artifact, key, lenet_factory, thief):
     from protectors.core.kinds.neuron_mask import apply_password
 
@@ -76,6 +80,7 @@ def test_true_password_as_guess_reaches_authorized_accuracy(edgepro_artifact, ke
     assert ep.compare_secret(edgepro_artifact, key, pw)["overlap_mean"] == 1.0
 
 
+@pytest.mark.slow
 def test_channel_pruning_slices_the_password(edgepro_artifact, key, lenet_factory, thief):
     ep = protectors.get("edgepro")
     loot = Loot(edgepro_artifact, ep, lenet_factory)
@@ -87,6 +92,7 @@ def test_channel_pruning_slices_the_password(edgepro_artifact, key, lenet_factor
     assert thief.evaluate(authorized) > 0.5  # the sliced password still runs on the pruned copy
 
 
+@pytest.mark.slow
 def test_guess_random_reports_scores(edgepro_artifact, lenet_factory, thief):
     loot = Loot(edgepro_artifact, protectors.get("edgepro"), lenet_factory)
     out = attacks.get("guess-random", guesses=5).run(loot, thief, "N=5")
@@ -97,6 +103,7 @@ def test_guess_random_reports_scores(edgepro_artifact, lenet_factory, thief):
     assert sum(len(v) for v in out.guess.neurons.values()) == 1 + 2 + 12 + 9  # ceil(0.1 n) per site
 
 
+@pytest.mark.slow
 def test_mask_learning_recovers_a_guess(edgepro_artifact, key, lenet_factory, thief):
     ep = protectors.get("edgepro")
     loot = Loot(edgepro_artifact, ep, lenet_factory)

@@ -17,7 +17,9 @@ from protectors.edgepro import EdgeProProtector
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device on this machine"))]
 #: the paper's shapes: CIFAR-10 images for ResNet-18 (and MobileNetV2, the profiler's edge model), MNIST for LeNet-5
-SHAPES = [("resnet18", 3, 32), ("mobilenetv2", 3, 32), ("lenet5", 1, 28)]
+#: (ResNet-18 and MobileNetV2 train for seconds on 2 cores: slow; LeNet-5 stays in the fast loop)
+SHAPES = [pytest.param("resnet18", 3, 32, marks=pytest.mark.slow),
+          pytest.param("mobilenetv2", 3, 32, marks=pytest.mark.slow), ("lenet5", 1, 28)]
 
 
 def _batch(channels: int, size: int):

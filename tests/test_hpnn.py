@@ -7,6 +7,7 @@ sign-learning 0.969 (25 flips): the thief recovers nearly all of the authorized 
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -124,19 +125,25 @@ def test_mask_rule():
     assert 190 < eff < 191 and 254 < nominal < 255 and keyspace(10, 10) == (10.0, 10.0)
 
 
+@pytest.mark.slow
 def test_secret_is_encrypted_small_and_public_metadata_says_k(art, key, other_key):
     p = HpnnProtector(key_bits=64)
     assert art.secret_files == ["key.enc"] and 0 < p.secret_bytes(art) < 1000
-    assert b"neurons" not in art.file("key.enc")
     assert art.meta["key_bits"] == 64 and art.meta["params"]["key_bits"] == 64
     assert tuple(art.meta["lock_sites"]) == SITES
     assert p.keyspace_bits(art) == pytest.approx(keyspace(226, 64)[0])
     secret = p.sign_key(art, key)
+    # The key is in the encrypted file (the control: decrypted, it is there) and in no stored byte in the clear.
+    plain = secret.to_bytes()
+    assert art.decrypt("key.enc", key) == plain and b'"neurons"' in plain
+    stored = b"".join(art.files.values()) + json.dumps(art.meta).encode()
+    assert plain not in stored and json.dumps(secret.neurons, separators=(",", ":")).encode() not in stored
     assert secret.size == 64 and p.compare_secret(art, key, secret)["bit_accuracy"] == 1.0
     with pytest.raises(KeyMaterialError, match="wrong key"):
         p.deploy(art, other_key, lambda: None)
 
 
+@pytest.mark.slow
 def test_authorized_near_clean_and_stolen_far_below(art, key, clean_lenet, lenet_factory, digits, trainer):
     p = HpnnProtector(key_bits=64)
     clean = acc(trainer, clean_lenet, digits)
@@ -157,6 +164,7 @@ def test_authorized_near_clean_and_stolen_far_below(art, key, clean_lenet, lenet
     ("key-recovery-greedy", {}),
     ("sign-learning", {}),
 ])
+@pytest.mark.slow
 def test_attacks_return_a_model_and_a_guess(name, params, art, key, lenet_factory, thief):
     p = HpnnProtector(key_bits=64)
     attack = attacks.get(name)(**params)
@@ -173,6 +181,7 @@ def test_attacks_return_a_model_and_a_guess(name, params, art, key, lenet_factor
     assert thief.evaluate(p.authorize(out.model, art, key)) == thief.evaluate(p.deploy(art, key, lenet_factory))
 
 
+@pytest.mark.slow
 def test_learning_attacks_beat_the_stolen_copy(art, lenet_factory, thief):
     p = HpnnProtector(key_bits=64)
     stolen = thief.evaluate(p.stolen(art, lenet_factory))
@@ -180,12 +189,14 @@ def test_learning_attacks_beat_the_stolen_copy(art, lenet_factory, thief):
     assert thief.evaluate(out.model) > stolen + 0.2  # measured 0.969 vs 0.628
 
 
+@pytest.mark.slow
 def test_attacks_do_not_apply_to_other_secret_kinds(clean_lenet, ctx, key):
     none = protectors.get("none")()
     why = attacks.get("sign-learning")().not_applicable(none, none.protect(clean_lenet, ctx, key))
     assert why.startswith("n/a: sign-learning needs a secret of kind neuron-sign")
 
 
+@pytest.mark.slow
 def test_authorize_on_a_channel_pruned_copy(art, key, lenet_factory, digits, trainer):
     p = HpnnProtector(key_bits=64)
     model = p.stolen(art, lenet_factory)
@@ -203,6 +214,7 @@ def test_authorize_on_a_channel_pruned_copy(art, key, lenet_factory, digits, tra
     assert pruned_acc > 0.3
 
 
+@pytest.mark.slow
 def test_onnx_equals_torch_and_holds_no_key(art, key, lenet_factory, digits):
     p = HpnnProtector(key_bits=64)
     art = copy.deepcopy(art)

@@ -2,7 +2,8 @@
 
 Measured here (clean 0.978): the 20 conv2 weights with the largest positive loss gradient set to the layer's max
 (the AdvParams signature: a pile at one bound) drop the copy to 0.711; the attack resets all 20 (plus the layer's
-original max, part of the pile) at every threshold and the copy is back at 0.978–0.983. On the clean model it resets
+original max, part of the pile) at every threshold and the copy is back at 0.978–0.983 (on another CPU: clean 0.975,
+perturbed 0.561, back at 0.953–0.972, exactly the clean model with the same weights reset). On the clean model it resets
 13 weights at z=4, 1 at z=6, none at z=8. Tried from outside on the AdvParams plugin (``loss_factor=None``, 48 moved
 weights, stolen 0.253): 0.811 (z=4), 0.792 (z=6), 0.753 (z=8).
 """
@@ -55,12 +56,22 @@ def test_bad_params_and_cells():
     assert attacks.get("weight-inspection").cells() == ["z=4", "z=6", "z=8"]
 
 
+@pytest.mark.slow
 def test_perturbation_is_found_and_reset(perturbed, clean_lenet, ctx, key, lenet_factory, thief):
+    """The attack resets every planted weight and touches little else; what it cannot give back (the original
+    values, and the layer's own maximum that sits in the pile) is exactly the clean model with the same weights reset.
+
+    The accuracy after repair is compared with that reference and with the damage done, never with a fixed margin
+    below clean: which weights are planted depends on the trained model, so on the CPU and BLAS. Measured (clean,
+    perturbed, repaired over z and reset): 0.978, 0.711, 0.978-0.983 on one CPU; 0.975, 0.561, 0.953-0.972 on another
+    (there conv2's own maximum, reset with the pile, costs up to 0.02 by itself).
+    """
     model, idx = perturbed
     clean_acc, hit_acc = thief.evaluate(clean_lenet), thief.evaluate(model)
-    assert hit_acc < clean_acc - 0.1  # measured 0.711 vs 0.978 on one CPU, 0.781 vs 0.964 on another
+    assert hit_acc < clean_acc - 0.1  # measured 0.711 vs 0.978 on one CPU, 0.781 and 0.561 vs 0.964/0.975 on others
     none = protectors.get("none")
     loot = Loot(none.protect(model, ctx, key), none, lenet_factory)
+    layers = [n for n, m in clean_lenet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     for reset in ("zero", "median"):
         attack = attacks.get("weight-inspection", reset=reset)
         assert attack.not_applicable(none, loot.artifact) is None
@@ -70,9 +81,22 @@ def test_perturbation_is_found_and_reset(perturbed, clean_lenet, ctx, key, lenet
             w = out.model.conv2.weight.view(-1)
             assert not (w[idx] == model.conv2.weight.view(-1)[idx]).any()  # every planted weight was reset
             assert out.extra["reset_per_layer"]["conv2"] >= 20 and out.extra["reset_weights"] <= 40
-            assert thief.evaluate(out.model) > clean_acc - 0.02  # measured 0.978-0.983
+            # The reference: the clean model with the very weights the attack reset set to what it set them to.
+            reference = copy.deepcopy(clean_lenet)
+            with torch.no_grad():
+                for name in layers:
+                    got, stolen = out.model.get_submodule(name).weight, model.get_submodule(name).weight
+                    changed = got != stolen
+                    assert int(changed.sum()) <= out.extra["reset_per_layer"].get(name, 0), name
+                    ref = reference.get_submodule(name).weight
+                    ref[changed] = got[changed]
+                    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # planted weights all among the changed
+            repaired = thief.evaluate(out.model)
+            assert repaired == thief.evaluate(reference)
+            assert repaired - hit_acc >= 0.8 * (clean_acc - hit_acc), (reset, cell, clean_acc, hit_acc, repaired)
 
 
+@pytest.mark.slow
 def test_clean_weights_are_mostly_left_alone(clean_lenet):
     counts = {z: sum(int(suspicious(m.weight, z, 3, 16)[0].sum()) for m in clean_lenet.modules()
                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))) for z in (4.0, 6.0, 8.0)}
@@ -89,6 +113,7 @@ def test_clamp_pile_is_found_even_when_it_inflates_the_spread():
     assert not suspicious(w2, 4.0, 3, 16)[0].view(-1)[:20].any()
 
 
+@pytest.mark.slow
 def test_not_applicable_to_whole_model_encryption(clean_lenet, ctx, key):
     aes = protectors.get("aes")
     why = attacks.get("weight-inspection").not_applicable(aes, aes.protect(clean_lenet, ctx, key))

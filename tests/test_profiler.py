@@ -40,14 +40,53 @@ def test_onnx_deployment_matches_torch(lenet, name, mode, tmp_path):
     np.testing.assert_allclose(run(x.numpy()), ref, atol=1e-5)
     np.testing.assert_allclose(run(x[:1].numpy()), ref[:1], atol=1e-5)  # batch is dynamic
     if name == "edgepro":
-        # The password is not baked into the ONNX file: the mask graph takes masks as inputs.
-        assert b"password" not in art.files["model.onnx"]
+        # The password is not baked into the ONNX file (the mask graph takes the masks as inputs, fold scales the
+        # weights at load): no encoding a baked-in password would have is in it, nor in any other plaintext file of
+        # the artifact (the control is the test below).
         pw = p.password(art, KEY)
+        assert "model.onnx" in art.files
+        for fname in sorted(set(art.files) - set(art.secret_files)):
+            assert baked_password(art.files[fname], pw) == [], fname
         if mode == "mask":
             import onnxruntime as ort
 
             sess = ort.InferenceSession(art.files["model.onnx"], providers=["CPUExecutionProvider"])
             assert len(sess.get_inputs()) == 1 + len(pw.neurons)
+
+
+def password_encodings(pw) -> dict[str, bytes]:
+    """The byte strings a file would hold if the password were in it: each site's mask as a float32 tensor (how ONNX
+    stores an initializer or a Constant: raw little-endian) or float64, the authorization neurons' indices as int64 or
+    int32 (a Gather/ScatterND constant), and the password's own serialization. Strings under 32 bytes are left out:
+    they occur in any graph by chance (a 1-neuron index, a 6-wide mask)."""
+    out = {"serialized": pw.to_bytes()}
+    for site, neurons in pw.neurons.items():
+        mask = pw.mask(site).numpy()
+        out |= {f"{site} mask float32": mask.astype("<f4").tobytes(),
+                f"{site} mask float64": mask.astype("<f8").tobytes(),
+                f"{site} neurons int64": np.asarray(neurons, "<i8").tobytes(),
+                f"{site} neurons int32": np.asarray(neurons, "<i4").tobytes()}
+    return {k: v for k, v in out.items() if len(v) >= 32}
+
+
+def baked_password(blob: bytes, pw) -> list[str]:
+    """Which of the password's encodings occur in ``blob``."""
+    return [k for k, v in password_encodings(pw).items() if v in blob]
+
+
+def test_the_password_search_finds_a_baked_in_password(lenet):
+    """Positive control of the search above: the authorized mask model exported whole (the mistake the mask graph
+    avoids) holds the masks as constants, and the search finds them; it finds the serialized password too."""
+    from protectors.core import onnx_runtime
+
+    p = protectors.get("edgepro")
+    art = latency_artifact(p, lenet)
+    pw = p.password(art, KEY)
+    assert {"relu3 mask float32", "relu4 mask float32", "relu3 neurons int64"} <= set(password_encodings(pw))
+    baked = onnx_runtime.export(p.deploy(art, KEY, lenet, "mask"), X1)
+    assert {"relu3 mask float32", "relu4 mask float32"} <= set(baked_password(baked, pw))
+    assert baked_password(b"header" + pw.to_bytes() + b"trailer", pw) == ["serialized"]
+    assert baked_password(onnx_runtime.export(lenet(), X1), pw) == []  # and nothing in an unrelated graph
 
 
 def test_onnx_deploy_file_tamper_detected(lenet, tmp_path):
@@ -97,6 +136,7 @@ def test_targets_registered_and_cuda_skips_cleanly():
     assert targets.get("torch-cpu-1t-soft-aes").env == {"OPENSSL_ia32cap": SOFT_AES_MASK}
 
 
+@pytest.mark.slow
 def test_profile_run_writes_overhead_records(tmp_path):
     from bench import config
     from bench.runner import Runner

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import assert_safe_files
 
 from bench import config
 from bench.runner import Runner
@@ -40,7 +41,11 @@ def results(out):
 
 def test_finetuning_aes_stolen_copy_equals_scratch(cfg, tmp_path):
     out = tmp_path / "run"
-    Runner(cfg, out, cache_dir=tmp_path / "cache", progress=False, profile=False).run()
+    runner = Runner(cfg, out, cache_dir=tmp_path / "cache", progress=False, profile=False)
+    runner.run()
+    # Nothing the run wrote is a pickle: records, tables, plots, the cache's models and artifacts (decrypted too).
+    written = {**assert_safe_files(out), **assert_safe_files(tmp_path / "cache", runner.key)}
+    assert {"json", "safetensors", "aes-gcm/safetensors", "aes-gcm/json"} <= set(written.values()), written
     recs = [r for r in results(out) if r["cell"]["kind"] == "attack" and r["cell"]["label"] == "aes"]
     ft = [r["result"] for r in recs if r["cell"]["attack"]["name"] == "finetune"]
     assert len(ft) == 2

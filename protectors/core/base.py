@@ -49,6 +49,8 @@ Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``run(x) -> logits`` on NumPy arrays: a model deployed on ONNX Runtime
 OnnxRunner = Callable[[np.ndarray], np.ndarray]
 
+#: the secret kind of a protector that holds no secret: the baseline of every latency ratio and table
+NO_SECRET = "none"
 #: secret kinds the built-in attacks know; a plugin may declare a new one (attacks that need a kind skip it)
 SECRET_KINDS = {
     "none": "no secret: the thief runs what the device runs",
