@@ -18,8 +18,10 @@ from .core.errors import (
     NotApplicable,
     UnknownNameError,
 )
+from .core.kinds.weight_patch import WeightPatch
 from .core.model_card import ModelCard, card_of
 from .core.onnx_runtime import NotSupported
+from .core.plaintext import PlaintextWeightsProtector
 from .core.pruning import Pruned
 from .core.registry import Registry
 from .core.registry_instance import protectors
@@ -31,5 +33,5 @@ def get(name: str, **params) -> Protector:
 
 
 __all__ = ["SECRET_KINDS", "Artifact", "ArtifactError", "BenchError", "ConfigError", "DataError", "KeyMaterialError",
-           "ModelCard", "NotApplicable", "NotSupported", "PluginContext", "Protector", "Pruned", "Registry",
-           "UnknownNameError", "card_of", "get", "latency_context", "protectors"]
+           "ModelCard", "NotApplicable", "NotSupported", "PlaintextWeightsProtector", "PluginContext", "Protector",
+           "Pruned", "Registry", "UnknownNameError", "WeightPatch", "card_of", "get", "latency_context", "protectors"]

@@ -36,13 +36,14 @@ from torch import nn
 
 from .core import lock, onnx_runtime
 from .core.artifact import Artifact
-from .core.base import PluginContext, Protector
+from .core.base import PluginContext
 from .core.errors import ArtifactError, ConfigError, NotApplicable
 from .core.kinds.neuron_mask import Password, apply_password, rank_neurons, select_neurons
 from .core.model_card import card_of
+from .core.plaintext import PlaintextWeightsProtector
 from .core.registry_instance import protectors
 from .core.seeding import torch_generator
-from .core.weights import WEIGHTS, load_weights, state_bytes
+from .core.weights import WEIGHTS
 
 BLOB = "password.enc"
 ONNX = onnx_runtime.MASKED
@@ -131,13 +132,14 @@ def producers_of(model_factory) -> dict[str, str]:
 
 
 @protectors.register()
-class EdgeProProtector(Protector):
+class EdgeProProtector(PlaintextWeightsProtector):
     """EdgePro neuron authorization; see the module docstring."""
 
     name = "edgepro"
     Params = EdgeProParams
     modes = ("mask", "fold")
     secret_kind = "neuron-mask"
+    secret_file = BLOB
 
     def public_params(self):
         return {k: v for k, v in self.param_dict().items() if k not in SECRET_PARAMS}
@@ -165,20 +167,19 @@ class EdgeProProtector(Protector):
     def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
         password = self.choose_password(model, ctx)
         locked = self.lock_train(password, ctx)
-        artifact = self.new_artifact(locked, key, cipher="AES-256-GCM", keyspace_bits=password.keyspace_bits())
-        artifact.put(WEIGHTS, state_bytes(locked))
-        artifact.put_encrypted(BLOB, password.to_bytes(), key)
-        return artifact
+        return self.plaintext_artifact(locked, key, password.to_bytes(), keyspace_bits=password.keyspace_bits())
+
+    def parse_secret(self, data: bytes, where: str) -> Password:
+        return Password.from_bytes(data, where)
 
     def password(self, artifact: Artifact, key: bytes) -> Password:
-        """Authenticate the artifact, then decrypt the password."""
-        self.open(artifact, key)
-        return Password.from_bytes(artifact.decrypt(BLOB, key), f"{artifact.where}/{BLOB}")
+        """Authenticate the artifact, then decrypt the password (:meth:`secret`)."""
+        return self.secret(artifact, key)
 
     def _deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
-        password = self.password(artifact, key)
-        model = load_weights(artifact, model_factory)
+        password = self.secret(artifact, key)
+        model = self.plaintext_model(artifact, model_factory)
         if mode == "fold":
             return fold_password(model, password, producers_of(model_factory))
         try:
@@ -187,11 +188,8 @@ class EdgeProProtector(Protector):
             raise ArtifactError(f"{artifact.where}: password names lock site {exc.args[0]!r}, "
                                 "which the model does not have") from None
 
-    def _stolen(self, artifact, model_factory):
-        return load_weights(artifact, model_factory)
-
     def _authorize(self, model, artifact, key, pruned=None):
-        password = self.password(artifact, key)
+        password = self.secret(artifact, key)
         if pruned is not None:
             password = password.sliced(pruned.kept_at(model, list(password.neurons)))
         return apply_password(copy.deepcopy(model), password).eval()
@@ -199,16 +197,16 @@ class EdgeProProtector(Protector):
     def _compare_secret(self, artifact, key, guess):
         if not isinstance(guess, Password):
             return {}
-        overlap = self.password(artifact, key).overlap(guess)
+        overlap = self.secret(artifact, key).overlap(guess)
         return {"overlap": overlap, "overlap_mean": float(np.mean(list(overlap.values())))}
 
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
     def _onnx_build(self, artifact, key, model_factory, mode, example):
         mode = self.check_mode(mode)
         if mode == "fold":
-            model = load_weights(artifact, model_factory)
+            model = self.plaintext_model(artifact, model_factory)
             producers = producers_of(model_factory)
-            fold_masks(self.password(artifact, key), producers)  # foldable at all?
+            fold_masks(self.secret(artifact, key), producers)  # foldable at all?
             artifact.put(ONNX, onnx_runtime.export(model, example))
             artifact.put(FOLD_PRODUCERS, json.dumps(producers).encode())
             return
@@ -216,7 +214,7 @@ class EdgeProProtector(Protector):
 
     def _onnx_load(self, artifact, key, mode, threads=1):
         mode = self.check_mode(mode)
-        password = self.password(artifact, key)
+        password = self.secret(artifact, key)
         if mode == "fold":
             # Fold at load: the producers' weights, scaled by the password's masks, override the ONNX initializers.
             from safetensors.numpy import load as np_load

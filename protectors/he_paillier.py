@@ -35,6 +35,10 @@ Paillier key's security level (NIST SP 800-57: 2048 → 112, 3072 → 128 bits),
 every ciphertext without the device key (the AES-256 files guard the private key and the rest at 256 bits).
 :meth:`~HePaillierProtector.authorize` returns ``None``: the secret is the weights themselves. One deploy mode,
 ``load``; on ONNX Runtime the default (the authorized graph sealed with AES-GCM and decrypted at load).
+
+``phe`` (and ``gmpy2``, which makes it fast) are an optional extra: ``pip install 'edgepro-bench[paillier]'``. The
+module imports ``phe`` only when it protects or deploys; without it, ``protect`` and ``deploy`` raise
+:class:`~protectors.core.errors.NotApplicable` saying so (:data:`MISSING_PHE`), and the suite runs everything else.
 """
 
 from __future__ import annotations
@@ -42,25 +46,37 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from phe import paillier
-from phe import util as phe_util
 from safetensors.torch import save as st_save
 from torch import nn
 
 from .core.artifact import Artifact
 from .core.base import ModelFactory, PluginContext, Protector
-from .core.errors import ArtifactError
+from .core.errors import ArtifactError, NotApplicable
 from .core.registry_instance import protectors
 from .core.weights import load_state_bytes
 
 CIPHERTEXTS = "paillier.json"
 PRIVATE_KEY = "paillier_key.enc"
 REST = "rest.enc"
+#: phe's default key length (``phe.paillier.DEFAULT_KEYSIZE`` in phe 1.5.0), known without importing phe
+DEFAULT_KEYSIZE = 3072
+MISSING_PHE = "n/a: he-paillier needs the 'phe' package: pip install 'edgepro-bench[paillier]'"
 #: NIST SP 800-57 Part 1, table 2: bits of security of an RSA-type modulus (factoring) of a given length
 SECURITY_BITS = ((15360, 256), (7680, 192), (3072, 128), (2048, 112), (1024, 80))
+
+
+def _phe() -> tuple[Any, Any]:
+    """``(phe.paillier, phe.util)``, imported now; :class:`NotApplicable` when ``phe`` is not installed."""
+    try:
+        from phe import paillier
+        from phe import util as phe_util
+    except ImportError:
+        raise NotApplicable(MISSING_PHE) from None
+    return paillier, phe_util
 
 
 def security_bits(keysize: int) -> float:
@@ -71,7 +87,7 @@ def security_bits(keysize: int) -> float:
 @dataclass(frozen=True)
 class HePaillierParams:
     sample: int | None = 256
-    keysize: int = paillier.DEFAULT_KEYSIZE
+    keysize: int = DEFAULT_KEYSIZE
 
     def validate(self) -> None:
         if self.sample is not None and self.sample < 1:
@@ -88,7 +104,9 @@ def _positions(state: dict[str, torch.Tensor], flat: np.ndarray) -> list[tuple[s
     return [(names[w], int(f - (ends[w - 1] if w else 0))) for w, f in zip(which, flat)]
 
 
-def _decrypt_all(private_key: paillier.PaillierPrivateKey, doc: dict) -> tuple[list, float]:
+def _decrypt_all(private_key: Any, doc: dict) -> tuple[list, float]:
+    """Decrypt every ciphertext of ``doc`` with ``private_key`` (a ``phe.paillier.PaillierPrivateKey``)."""
+    paillier, _ = _phe()
     public = private_key.public_key
     numbers = [paillier.EncryptedNumber(public, int(c, 16), int(e)) for c, e in zip(doc["ciphertexts"],
                                                                                       doc["exponents"])]
@@ -107,6 +125,7 @@ class HePaillierProtector(Protector):
     secret_kind = "encrypted-weights"
 
     def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
+        paillier, phe_util = _phe()
         p = self.params
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         total = sum(t.numel() for t in state.values())
@@ -148,7 +167,9 @@ class HePaillierProtector(Protector):
         artifact.put_encrypted(REST, st_save(state), key)
         return artifact
 
-    def private_key(self, artifact: Artifact, key: bytes, public_n: int) -> paillier.PaillierPrivateKey:
+    def private_key(self, artifact: Artifact, key: bytes, public_n: int) -> Any:
+        """The Paillier private key (a ``phe.paillier.PaillierPrivateKey``) decrypted from the artifact."""
+        paillier, _ = _phe()
         what = f"{artifact.where}/{PRIVATE_KEY}"
         try:
             d = json.loads(artifact.decrypt(PRIVATE_KEY, key))
@@ -161,6 +182,7 @@ class HePaillierProtector(Protector):
 
     def _deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
         self.check_mode(mode)
+        _phe()  # before any work: without phe there is nothing to decrypt the sample with
         what = f"{artifact.where}/{CIPHERTEXTS}"
         try:
             doc = json.loads(artifact.file(CIPHERTEXTS))

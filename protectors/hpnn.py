@@ -59,11 +59,11 @@ from torch import nn
 
 from .core import lock, onnx_runtime
 from .core.artifact import Artifact
-from .core.base import PluginContext, Protector
+from .core.base import PluginContext
 from .core.errors import ArtifactError, ConfigError
 from .core.kinds.neuron_sign import SignKey, apply_key, draw_key, keyspace
+from .core.plaintext import PlaintextWeightsProtector
 from .core.registry_instance import protectors
-from .core.weights import WEIGHTS, load_weights, state_bytes
 
 BLOB = "key.enc"
 
@@ -85,13 +85,14 @@ class HpnnParams:
 
 
 @protectors.register()
-class HpnnProtector(Protector):
+class HpnnProtector(PlaintextWeightsProtector):
     """HPNN key-dependent neuron signs; see the module docstring."""
 
     name = "hpnn"
     Params = HpnnParams
     modes = ("key",)
     secret_kind = "neuron-sign"
+    secret_file = BLOB
 
     def choose_key(self, model: nn.Module, ctx: PluginContext) -> SignKey:
         p = self.params
@@ -115,32 +116,28 @@ class HpnnProtector(Protector):
         secret = self.choose_key(model, ctx)
         trained = self.key_train(secret, ctx)
         effective, nominal = keyspace(sum(secret.widths.values()), secret.size)
-        artifact = self.new_artifact(trained, key, cipher="AES-256-GCM", key_bits=secret.size,
-                                     lock_sites=list(secret.widths), keyspace_bits=effective,
-                                     nominal_keyspace_bits=nominal)
-        artifact.put(WEIGHTS, state_bytes(trained))
-        artifact.put_encrypted(BLOB, secret.to_bytes(), key)
-        return artifact
+        return self.plaintext_artifact(trained, key, secret.to_bytes(), key_bits=secret.size,
+                                       lock_sites=list(secret.widths), keyspace_bits=effective,
+                                       nominal_keyspace_bits=nominal)
+
+    def parse_secret(self, data: bytes, where: str) -> SignKey:
+        return SignKey.from_bytes(data, where)
 
     def sign_key(self, artifact: Artifact, key: bytes) -> SignKey:
-        """Authenticate the artifact, then decrypt the sign key."""
-        self.open(artifact, key)
-        return SignKey.from_bytes(artifact.decrypt(BLOB, key), f"{artifact.where}/{BLOB}")
+        """Authenticate the artifact, then decrypt the sign key (:meth:`secret`)."""
+        return self.secret(artifact, key)
 
     def _deploy(self, artifact, key, model_factory, mode=None):
         self.check_mode(mode)
-        secret = self.sign_key(artifact, key)
+        secret = self.secret(artifact, key)
         try:
-            return lock.install_fixed(load_weights(artifact, model_factory), secret.masks()).eval()
+            return lock.install_fixed(self.plaintext_model(artifact, model_factory), secret.masks()).eval()
         except KeyError as exc:
             raise ArtifactError(f"{artifact.where}: key names lock site {exc.args[0]!r}, "
                                 "which the model does not have") from None
 
-    def _stolen(self, artifact, model_factory):
-        return load_weights(artifact, model_factory)
-
     def _authorize(self, model, artifact, key, pruned=None):
-        secret = self.sign_key(artifact, key)
+        secret = self.secret(artifact, key)
         if pruned is not None:
             secret = secret.sliced(pruned.kept_at(model, list(secret.widths)))
         return apply_key(copy.deepcopy(model), secret).eval()
@@ -148,7 +145,7 @@ class HpnnProtector(Protector):
     def _compare_secret(self, artifact, key, guess):
         if not isinstance(guess, SignKey):
             return {}
-        return self.sign_key(artifact, key).agreement(guess)
+        return self.secret(artifact, key).agreement(guess)
 
     # -- ONNX Runtime: the sign masks are graph inputs, fed from the decrypted key at load --------------------
     def _onnx_build(self, artifact, key, model_factory, mode, example):
@@ -156,4 +153,4 @@ class HpnnProtector(Protector):
 
     def _onnx_load(self, artifact, key, mode, threads=1):
         self.check_mode(mode)
-        return onnx_runtime.load_masked_graph(artifact, self.sign_key(artifact, key).mask, threads)
+        return onnx_runtime.load_masked_graph(artifact, self.secret(artifact, key).mask, threads)

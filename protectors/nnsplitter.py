@@ -22,10 +22,11 @@ few weights changed (every one of them inside its layer's normal range).
    for the paper's controller, whose reward is the same −accuracy and which keeps the best of its rollouts (5 per
    step). ``max_batches`` (200) is the budget of training batches for the whole search: each epoch of each trial
    is cut at ``max_batches / (trials · epochs)`` batches (8 by default).
-5. **Artifact** — the obfuscated weights in plaintext (``weights.safetensors``, the thief's copy); the secret, per
-   layer the original weight shape, the flat positions and the original values (safetensors bytes, no pickle),
-   AES-256-GCM encrypted (``positions.enc``). Plaintext metadata: counts, the calibration accuracies and the
-   keyspace only. With the defaults on LeNet-5: 2 layers × 16 weights, a secret of under 1 kB.
+5. **Artifact** — the obfuscated weights in plaintext (``weights.safetensors``, the thief's copy); the secret, a
+   :class:`~protectors.core.kinds.weight_patch.WeightPatch` (per conv weight its shape, the flat positions and the
+   original values; safetensors bytes, no pickle), AES-256-GCM encrypted (``positions.enc``). Plaintext metadata:
+   counts, the calibration accuracies and the keyspace only. With the defaults on LeNet-5: 2 layers × 16 weights,
+   a secret of under 1 kB.
 
 Defaults: ``filters_per_layer=1, weights_per_filter=16, lr=0.05, epochs=5, max_batches=200, patience=2, trials=5,
 c=None`` (mean of the conv weights), ``eps=None`` (per filter, see step 2).
@@ -41,8 +42,9 @@ the ONNX file.
 ``authorize`` writes the original values back into an attacked copy. On a structurally pruned copy
 (``pruned.kept``) a position is restored only where its output filter survived (``kept[layer]``) and its input
 channel survived (the kept channels of the last pruned module with the conv's input width that runs before the
-conv, found by one forward pass); indices are remapped to the new shape. A layer whose new shape cannot be
-explained that way is left as it is.
+conv, found by one forward pass); indices are remapped to the new shape (:meth:`WeightPatch.remap
+<protectors.core.kinds.weight_patch.WeightPatch.remap>`). A layer whose new shape cannot be explained that way is
+left as it is.
 
 ``keyspace_bits``: log2 of the ways to choose the secret positions knowing the method and its public parameters,
 Σ_layers log2 C(filters, k) + Σ_chosen filters log2 C(filter size, masked weights), capped at 256 (the AES key)
@@ -81,18 +83,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .core import onnx_runtime
 from .core.artifact import Artifact
-from .core.base import PluginContext, Protector
+from .core.base import PluginContext
 from .core.errors import ArtifactError, ConfigError
-from .core.pruning import Pruned
+from .core.kinds.weight_patch import Patch, WeightPatch
+from .core.plaintext import PlaintextWeightsProtector
 from .core.registry_instance import protectors
-from .core.weights import WEIGHTS, load_weights, state_bytes
+from .core.weights import WEIGHTS
 
 SECRET = "positions.enc"
 ONNX = "model.onnx"
@@ -124,61 +124,19 @@ class NNSplitterParams:
             raise ValueError(f"parameter 'eps' must be > 0 (or None), got {self.eps}")
 
 
-@dataclass(frozen=True)
-class LayerSecret:
-    """One conv's part of the secret: the weight's original shape, flat positions and original values."""
-
-    shape: tuple[int, ...]
-    index: torch.Tensor  # int64, flat positions in ``shape``
-    value: torch.Tensor  # float32, the original weights there
-
-    @property
-    def filter_size(self) -> int:
-        return math.prod(self.shape[1:])
+def filter_size(p: Patch) -> int:
+    """Weights per output filter of a patched conv weight."""
+    return math.prod(p.shape[1:])
 
 
-@dataclass(frozen=True)
-class Secret:
-    layers: dict[str, LayerSecret]
-    c: float
-
-    def to_bytes(self) -> bytes:
-        tensors = {"c": torch.tensor([self.c], dtype=torch.float64)}
-        for name, s in self.layers.items():
-            tensors[f"{name}/shape"] = torch.tensor(s.shape, dtype=torch.int64)
-            tensors[f"{name}/index"] = s.index.to(torch.int64).contiguous()
-            tensors[f"{name}/value"] = s.value.to(torch.float32).contiguous()
-        return st_save(tensors)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, what: str) -> Secret:
-        try:
-            t = st_load(bytes(data))
-            names = sorted({k.rsplit("/", 1)[0] for k in t if "/" in k})
-            layers = {n: LayerSecret(tuple(int(v) for v in t[f"{n}/shape"].tolist()), t[f"{n}/index"],
-                                     t[f"{n}/value"]) for n in names}
-            c = float(t["c"][0])
-        except (SafetensorError, KeyError, ValueError, RuntimeError, IndexError):
-            raise ArtifactError(f"{what}: malformed NNSplitter secret") from None
-        for n, s in layers.items():
-            if (s.index.dtype != torch.int64 or s.value.dtype != torch.float32 or s.index.shape != s.value.shape
-                    or s.index.dim() != 1 or (len(s.index) and not 0 <= int(s.index.min()) <= int(s.index.max())
-                                              < math.prod(s.shape))):
-                raise ArtifactError(f"{what}: bad positions for layer {n!r}")
-        return cls(layers, c)
-
-    @property
-    def count(self) -> int:
-        return sum(len(s.index) for s in self.layers.values())
-
-    def keyspace_bits(self, widths: dict[str, int]) -> float:
-        """log2 of the position choices with the same counts (filters per layer, weights per filter)."""
-        bits = 0.0
-        for name, s in self.layers.items():
-            filters, counts = torch.unique(s.index // s.filter_size, return_counts=True)
-            bits += math.log2(math.comb(widths[name], len(filters)))
-            bits += sum(math.log2(math.comb(s.filter_size, int(m))) for m in counts)
-        return bits
+def keyspace_bits(patch: WeightPatch) -> float:
+    """log2 of the position choices with the same counts (filters per layer, weights per filter)."""
+    bits = 0.0
+    for p in patch.entries.values():
+        filters, counts = torch.unique(p.index // filter_size(p), return_counts=True)
+        bits += math.log2(math.comb(p.shape[0], len(filters)))
+        bits += sum(math.log2(math.comb(filter_size(p), int(m))) for m in counts)
+    return bits
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -273,24 +231,6 @@ def obfuscate(model: nn.Module, positions: dict[str, torch.Tensor], ctx: PluginC
     return model.cpu().eval(), stats
 
 
-@torch.no_grad()
-def restore(model: nn.Module, secret: Secret) -> nn.Module:
-    """Write the original values back at the secret positions, in place."""
-    for name, s in secret.layers.items():
-        w = _weight(model, name)
-        if tuple(w.shape) != s.shape:
-            raise ArtifactError(f"NNSplitter secret: layer {name!r} has shape {tuple(w.shape)}, the secret {s.shape}")
-        w.view(-1)[s.index.to(w.device)] = s.value.to(w.device, w.dtype)
-    return model
-
-
-def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    try:
-        return model.get_submodule(name).weight
-    except AttributeError:
-        raise ArtifactError(f"NNSplitter secret names layer {name!r}, which the model does not have") from None
-
-
 class TeeConv(nn.Module):
     """A conv with obfuscated weights plus the TEE's correction: ``conv(x)`` + the input convolved with ΔW of the
     affected filters only, added to those output channels (``external`` feeds ΔW and the filters as graph inputs)."""
@@ -323,21 +263,30 @@ class TeeConv(nn.Module):
         return self.conv(x).index_add(1, filters, corr)
 
 
-def layer_correction(w: torch.Tensor, s: LayerSecret) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_correction(w: torch.Tensor, p: Patch) -> tuple[torch.Tensor, torch.Tensor]:
     """(ΔW of the affected filters [k, in/groups, kh, kw], their indices) for obfuscated weight ``w``."""
     w = w.detach()
-    if tuple(w.shape) != s.shape:
-        raise ArtifactError(f"NNSplitter secret: a layer has shape {tuple(w.shape)}, the secret {s.shape}")
-    filters = torch.unique(s.index // s.filter_size)
-    delta = torch.zeros(len(filters), s.filter_size, dtype=w.dtype)
-    row = torch.searchsorted(filters, s.index // s.filter_size)
-    delta[row, s.index % s.filter_size] = s.value.to(w.dtype) - w.reshape(-1)[s.index]
-    return delta.view(len(filters), *s.shape[1:]), filters
+    if tuple(w.shape) != p.shape:
+        raise ArtifactError(f"NNSplitter secret: a layer has shape {tuple(w.shape)}, the secret {p.shape}")
+    size = filter_size(p)
+    filters = torch.unique(p.index // size)
+    delta = torch.zeros(len(filters), size, dtype=w.dtype)
+    row = torch.searchsorted(filters, p.index // size)
+    delta[row, p.index % size] = p.values.to(w.dtype) - w.reshape(-1)[p.index]
+    return delta.view(len(filters), *p.shape[1:]), filters
 
 
-def tee_corrections(model: nn.Module, secret: Secret) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, :func:`layer_correction` against ``model``'s (obfuscated) weights."""
-    return {name: layer_correction(_weight(model, name), s) for name, s in secret.layers.items()}
+def tee_corrections(model: nn.Module, patch: WeightPatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per conv (module name), :func:`layer_correction` against ``model``'s (obfuscated) weights."""
+    out = {}
+    for name, p in patch.entries.items():
+        layer = name.removesuffix(".weight")
+        try:
+            w = model.get_submodule(layer).weight
+        except AttributeError:
+            raise ArtifactError(f"NNSplitter secret names layer {layer!r}, which the model does not have") from None
+        out[layer] = layer_correction(w, p)
+    return out
 
 
 def install_tee(model: nn.Module, corrections: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
@@ -363,59 +312,14 @@ class _CorrectionInputs(nn.Module):
                 tee.external = None
 
 
-def _input_kept(model: nn.Module, pruned: Pruned, names: list[str]) -> dict[str, list[int]]:
-    """Per conv, the original indices of its surviving input channels: those of the last pruned module, run before
-    it, whose kept channels are the conv's input width."""
-    feeders, widths = pruned.feeders(model, names)
-    found = {}
-    for name, sources in feeders.items():
-        kept = next((pruned.kept[s] for s in sources if len(pruned.kept[s]) == widths[name]), None)
-        if kept is not None:
-            found[name] = list(kept)
-    return found
-
-
-def remap(model: nn.Module, secret: Secret, pruned: Pruned) -> Secret:
-    """The secret on a channel-pruned copy: positions of surviving (filter, input channel) pairs, remapped."""
-    feeds = _input_kept(model, pruned, [n for n in secret.layers if _has_weight(model, n)])
-    layers = {}
-    for name, s in secret.layers.items():
-        if not _has_weight(model, name):
-            continue
-        conv = model.get_submodule(name)
-        shape = tuple(conv.weight.shape)
-        if shape == s.shape:
-            layers[name] = s
-            continue
-        outs = range(s.shape[0]) if shape[0] == s.shape[0] else pruned.kept.get(name)
-        ins = range(s.shape[1]) if shape[1] == s.shape[1] else feeds.get(name)
-        if (outs is None or ins is None or len(outs) != shape[0] or len(ins) != shape[1]
-                or shape[2:] != s.shape[2:] or (shape[1] != s.shape[1] and conv.groups != 1)):
-            continue  # cannot tell where this layer's weights went: leave it
-        new_out = {o: k for k, o in enumerate(outs)}
-        new_in = {i: k for k, i in enumerate(ins)}
-        o, i, *rest = np.unravel_index(s.index.numpy(), s.shape)
-        keep = [k for k in range(len(o)) if o[k] in new_out and i[k] in new_in]
-        index = [int(np.ravel_multi_index((new_out[o[k]], new_in[i[k]], *(r[k] for r in rest)), shape))
-                 for k in keep]
-        layers[name] = LayerSecret(shape, torch.tensor(index, dtype=torch.int64), s.value[keep])
-    return Secret(layers, secret.c)
-
-
-def _has_weight(model: nn.Module, name: str) -> bool:
-    try:
-        return isinstance(model.get_submodule(name).weight, torch.Tensor)
-    except AttributeError:
-        return False
-
-
 @protectors.register()
-class NNSplitterProtector(Protector):
+class NNSplitterProtector(PlaintextWeightsProtector):
     """NNSplitter weight obfuscation; see the module docstring."""
 
     name = "nnsplitter"
     Params = NNSplitterParams
     secret_kind = "weight-correction"
+    secret_file = SECRET
     modes = ("restore", "tee")
     # The paper reaches chance on ResNet-18/CIFAR-10 (17 conv layers); on LeNet-5's two conv layers the stolen copy
     # keeps 0.22-0.49 (digits, six key draws): the suite reports it rather than claiming a useless copy.
@@ -432,48 +336,36 @@ class NNSplitterProtector(Protector):
             batches += stats["batches_run"]
             if best is None or stats["calib_acc_after"] < best[3]["calib_acc_after"]:
                 best = (positions, c, obf, stats)
-        positions, c, obf, stats = best
+        positions, _, obf, stats = best  # c is not kept: restoring writes the original values themselves
         stats["batches_total"] = batches
-        original = {n: model.get_submodule(n).weight.detach().reshape(-1)[i].clone() for n, i in positions.items()}
-        secret = Secret({n: LayerSecret(tuple(model.get_submodule(n).weight.shape), i, original[n])
-                         for n, i in positions.items()}, c)
-        widths = {n: model.get_submodule(n).weight.shape[0] for n in names}
+        secret = WeightPatch.gather(model.state_dict(), {f"{n}.weight": i for n, i in positions.items()})
         # Plaintext metadata is the thief's to read: counts and accuracies only, never positions or c.
-        artifact = self.new_artifact(obf, key, cipher="AES-256-GCM",
-                                     keyspace_bits=min(256.0, secret.keyspace_bits(widths)),
-                                     obfuscated_weights=secret.count, **stats)
-        artifact.put(WEIGHTS, state_bytes(obf))
-        artifact.put_encrypted(SECRET, secret.to_bytes(), key)
-        return artifact
+        return self.plaintext_artifact(obf, key, secret.to_bytes(), keyspace_bits=min(256.0, keyspace_bits(secret)),
+                                       obfuscated_weights=secret.count, **stats)
 
-    def secret(self, artifact: Artifact, key: bytes) -> Secret:
-        """Authenticate the artifact under ``key``, then decrypt the secret."""
-        self.open(artifact, key)
-        return Secret.from_bytes(artifact.decrypt(SECRET, key), f"{artifact.where}/{SECRET}")
+    def parse_secret(self, data: bytes, where: str) -> WeightPatch:
+        return WeightPatch.from_bytes(data, where)
 
     def _deploy(self, artifact, key, model_factory, mode=None):
         mode = self.check_mode(mode)
         secret = self.secret(artifact, key)
-        model = load_weights(artifact, model_factory)
+        model = self.plaintext_model(artifact, model_factory)
         if mode == "restore":
-            return restore(model, secret).eval()
+            return secret.restore(model, artifact.where).eval()
         return install_tee(model, tee_corrections(model, secret))
-
-    def _stolen(self, artifact, model_factory):
-        return load_weights(artifact, model_factory)
 
     def _authorize(self, model, artifact, key, pruned=None):
         secret = self.secret(artifact, key)
         model = copy.deepcopy(model)
-        if pruned is not None:
-            secret = remap(model, secret, pruned)
-        return restore(model, secret).eval()
+        if pruned is not None:  # positions whose filter or input channel was pruned are dropped
+            secret, _ = secret.remap(model, pruned)
+        return secret.restore(model, artifact.where).eval()
 
     # -- ONNX Runtime ------------------------------------------------------------------------------------------
     def _onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "restore":
             return super()._onnx_build(artifact, key, model_factory, mode, example)
-        model = load_weights(artifact, model_factory)
+        model = self.plaintext_model(artifact, model_factory)
         real = tee_corrections(model, self.secret(artifact, key))
         # Placeholders of the right shapes: nothing of the secret (ΔW, which filters) goes into the graph file.
         fake = {n: (torch.zeros_like(d), torch.arange(len(f), dtype=torch.int64)) for n, (d, f) in real.items()}
@@ -493,7 +385,7 @@ class NNSplitterProtector(Protector):
         weights = np_load(artifact.file(WEIGHTS))
         feed = {}
         for j, name in enumerate(names):
-            s = secret.layers.get(name)
+            s = secret.entries.get(f"{name}.weight")
             if s is None or f"{name}.weight" not in weights:
                 raise ArtifactError(f"{artifact.where}/{ONNX_LAYERS}: layer {name!r} not in the secret or weights")
             delta, filters = layer_correction(torch.from_numpy(weights[f"{name}.weight"].copy()), s)

@@ -2,8 +2,9 @@
 IEEE S&P 2024, arXiv 2310.07152).
 
 Part of the trained weights is kept inside a trusted execution environment (TEE); the rest is stored in plaintext.
-The secret is the shielded values (safetensors, AES-256-GCM encrypted under the device key: the key stands for what
-only the TEE can unseal). Two variants (``variant``):
+The secret is the shielded values, a :class:`~protectors.core.kinds.weight_patch.WeightPatch` (whole tensors, or
+values at flat positions; safetensors, AES-256-GCM encrypted under the device key: the key stands for what only the
+TEE can unseal). Two variants (``variant``):
 
 - ``deep`` (DarkneTZ, Mo et al., MobiSys 2020): the parameters *and* buffers (BN running statistics) of the last
   ``blocks`` blocks. A **block** is found by walking the module tree from the top: a plain container (exactly
@@ -46,7 +47,9 @@ to enumerate; what the secret is worth is measured by the attacks (fine-tuning t
 the true values whatever the thief changed outside). On a copy that structural pruning reshaped, output channels map
 through ``pruned.kept[module]``; input channels through the kept channels of the most recent pruned module, run
 before the layer, whose kept count explains the new input width (a linear after a flatten sees each channel
-``spatial`` times, channel-major; a ResNet shortcut conv skips its block's own BNs to the block's input). Values
+``spatial`` times, channel-major; a ResNet shortcut conv skips its block's own BNs to the block's input; a grouped
+conv whose per-group input width changed is not mapped): :meth:`WeightPatch.remap
+<protectors.core.kinds.weight_patch.WeightPatch.remap>`. Values
 whose channels were pruned are dropped; a tensor whose new shape cannot be explained that way is left as the attacker
 made it, and its name is listed in the returned model's ``shield_unmapped`` attribute. Checked on ResNet-18 (both
 variants): the authorized pruned copy computes what the clean model computes with the pruned channels zeroed.
@@ -60,19 +63,16 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core.artifact import Artifact
-from .core.base import ModelFactory, PluginContext, Protector
+from .core.base import ModelFactory, PluginContext
 from .core.errors import ArtifactError, ConfigError
+from .core.kinds.weight_patch import WeightPatch
 from .core.onnx_runtime import NotSupported
-from .core.pruning import Pruned
+from .core.plaintext import PlaintextWeightsProtector
 from .core.registry_instance import protectors
-from .core.weights import WEIGHTS, load_weights, state_bytes
 
 SECRET = "shielded.enc"
 VARIANTS = ("deep", "magnitude")
@@ -97,18 +97,6 @@ class ShieldParams:
             raise ValueError(f"parameter 'fraction' must be in [0, 1], got {self.fraction}")
         if self.tee_slowdown < 1:
             raise ValueError(f"parameter 'tee_slowdown' must be >= 1 (a TEE is not faster), got {self.tee_slowdown}")
-
-
-@dataclass(frozen=True)
-class Shielded:
-    """One state entry's shielded part: the whole tensor (``index is None``) or values at flat positions."""
-
-    shape: tuple[int, ...]
-    values: torch.Tensor
-    index: torch.Tensor | None = None
-
-
-Secret = dict[str, Shielded]  # state_dict entry name → what the TEE holds of it
 
 
 # -- which weights ----------------------------------------------------------------------------------------------
@@ -145,13 +133,14 @@ def fresh_init(model_factory: ModelFactory, seed: int) -> nn.Module:
     return model
 
 
-def deep_secret(model: nn.Module, blocks: list[list[str]]) -> Secret:
+def deep_secret(model: nn.Module, blocks: list[list[str]]) -> WeightPatch:
+    """Every parameter and buffer of the given blocks, whole."""
     prefixes = tuple(f"{m}." for b in blocks for m in b)
-    return {k: Shielded(tuple(v.shape), v.detach().cpu().clone()) for k, v in model.state_dict().items()
-            if k.startswith(prefixes)}
+    state = model.state_dict()
+    return WeightPatch.whole(state, [k for k in state if k.startswith(prefixes)])
 
 
-def magnitude_secret(model: nn.Module, fraction: float) -> Secret:
+def magnitude_secret(model: nn.Module, fraction: float) -> WeightPatch:
     """The global top ``fraction`` of |w| over conv, BN and linear weights."""
     names = [f"{n}.weight" for n, m in model.named_modules()
              if isinstance(m, MAGNITUDE_LAYERS) and getattr(m, "weight", None) is not None]
@@ -160,146 +149,14 @@ def magnitude_secret(model: nn.Module, fraction: float) -> Secret:
     sizes = [len(f) for f in flat]
     k = round(fraction * sum(sizes))
     chosen = torch.topk(torch.cat(flat).abs(), k).indices if k else torch.empty(0, dtype=torch.long)
-    secret, start = {}, 0
-    for name, f, size in zip(names, flat, sizes):
+    positions, start = {}, 0
+    for name, size in zip(names, sizes):
         idx = chosen[(chosen >= start) & (chosen < start + size)] - start
         idx = torch.sort(idx).values
         if len(idx):
-            secret[name] = Shielded(tuple(state[name].shape), f[idx].clone(), idx)
+            positions[name] = idx
         start += size
-    return secret
-
-
-def secret_to_bytes(secret: Secret) -> bytes:
-    tensors = {}
-    for name, s in secret.items():
-        if s.index is None:
-            tensors[f"tensor/{name}"] = s.values.contiguous()
-        else:
-            tensors[f"index/{name}"] = s.index.to(torch.int64).contiguous()
-            tensors[f"value/{name}"] = s.values.contiguous()
-            tensors[f"shape/{name}"] = torch.tensor(s.shape, dtype=torch.int64)
-    return st_save(tensors)
-
-
-def secret_from_bytes(data: bytes, what: str) -> Secret:
-    try:
-        tensors = st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{what}: not a readable safetensors file ({exc})") from None
-    secret: Secret = {}
-    try:
-        for key, t in tensors.items():
-            kind, name = key.split("/", 1)
-            if kind == "tensor":
-                secret[name] = Shielded(tuple(t.shape), t)
-            elif kind == "index":
-                shape = tuple(int(s) for s in tensors[f"shape/{name}"].tolist())
-                values = tensors[f"value/{name}"]
-                if len(values) != len(t) or (len(t) and not 0 <= int(t.min()) <= int(t.max()) < math.prod(shape)):
-                    raise ValueError(name)
-                secret[name] = Shielded(shape, values, t)
-            elif kind not in ("value", "shape"):
-                raise ValueError(key)
-    except (ValueError, KeyError):
-        raise ArtifactError(f"{what}: malformed shielded weights") from None
-    return secret
-
-
-# -- writing them back ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def restore(model: nn.Module, secret: Secret, what: str) -> nn.Module:
-    """Write the shielded values into ``model`` (same shapes) in place."""
-    state = model.state_dict()
-    for name, s in secret.items():
-        if name not in state or tuple(state[name].shape) != s.shape:
-            raise ArtifactError(f"{what}: shielded tensor {name!r} does not fit the model")
-        t = state[name]
-        if s.index is None:
-            t.copy_(s.values)
-        elif len(s.index):
-            t.view(-1)[s.index.to(t.device)] = s.values.to(t.device, t.dtype)
-    return model
-
-
-def _feeders(model: nn.Module, pruned: Pruned, names: list[str]) -> dict[str, list[list[int]]]:
-    """Per module, the kept output channels of every pruned module that runs before it, the most recent first."""
-    feeders, _ = pruned.feeders(model, names)
-    return {n: [pruned.kept[m] for m in sources] for n, sources in feeders.items()}
-
-
-def _input_map(old: int, new: int, feeders: list[list[int]]) -> list[int] | None:
-    """Original input indices of a layer whose input width went from ``old`` to ``new``: from the most recent pruned
-    module before it whose kept channels explain the change (``spatial`` positions per channel, channel-major, for
-    a linear after a flatten). The most recent one is not always the right one: a ResNet shortcut conv runs after
-    its block's last BN but reads the block's input."""
-    for kept in feeders:
-        if not kept or new % len(kept):
-            continue
-        spatial = new // len(kept)
-        if old % spatial or max(kept) >= old // spatial or len(kept) == old // spatial:
-            continue
-        return [kept[j // spatial] * spatial + j % spatial for j in range(new)]
-    return None
-
-
-def _channel_maps(module: str, old: tuple[int, ...], new: tuple[int, ...], pruned: Pruned,
-                  feeders: dict[str, list[list[int]]]) -> list[torch.Tensor] | None:
-    """Original indices along dims 0 (and 1) for every position of the reshaped tensor, or ``None``."""
-    if len(old) != len(new) or old[2:] != new[2:] or not old:
-        return None
-    outs = list(range(old[0])) if new[0] == old[0] else pruned.kept.get(module)
-    if outs is None or len(outs) != new[0] or max(outs, default=0) >= old[0]:
-        return None
-    maps = [torch.tensor(outs, dtype=torch.long)]
-    if len(old) >= 2:
-        ins = list(range(old[1])) if new[1] == old[1] else _input_map(old[1], new[1], feeders.get(module, []))
-        if ins is None:
-            return None
-        maps.append(torch.tensor(ins, dtype=torch.long))
-    return maps
-
-
-def remap(model: nn.Module, secret: Secret, pruned: Pruned | None) -> tuple[Secret, list[str]]:
-    """The secret on a (maybe structurally pruned) copy: the entries that still map, and the names that do not."""
-    state = model.state_dict()
-    reshaped = [n for n, s in secret.items() if n in state and tuple(state[n].shape) != s.shape]
-    feeders = _feeders(model, pruned, [n.rsplit(".", 1)[0] for n in reshaped]) if pruned and reshaped else {}
-    out: Secret = {}
-    unmapped = [n for n in secret if n not in state]
-    for name, s in secret.items():
-        if name not in state:
-            continue
-        new = tuple(state[name].shape)
-        if new == s.shape:
-            out[name] = s
-            continue
-        maps = _channel_maps(name.rsplit(".", 1)[0], s.shape, new, pruned, feeders) if pruned else None
-        if maps is None:
-            unmapped.append(name)
-            continue
-        if s.index is None:
-            values = s.values
-            for dim, m in enumerate(maps):
-                values = values.index_select(dim, m)
-            out[name] = Shielded(new, values.contiguous())
-            continue
-        # positions: old flat index → (o, i, rest) → new flat index, where both channels survived
-        inverse = []
-        for dim, m in enumerate(maps):
-            inv = torch.full((s.shape[dim],), -1, dtype=torch.long)
-            inv[m] = torch.arange(len(m))
-            inverse.append(inv)
-        coords = list(torch.unravel_index(s.index, s.shape))
-        for dim, inv in enumerate(inverse):
-            coords[dim] = inv[coords[dim]]
-        keep = torch.stack(coords[: len(inverse)]).ge(0).all(0)
-        coords = [c[keep] for c in coords]
-        index = torch.zeros(int(keep.sum()), dtype=torch.long)
-        for dim, c in enumerate(coords):  # ravel by hand: strides of the new shape
-            index += c * math.prod(new[dim + 1:])
-        out[name] = Shielded(new, s.values[keep], index)
-    return out, unmapped
+    return WeightPatch.gather(state, positions)
 
 
 # -- the modeled TEE ---------------------------------------------------------------------------------------------
@@ -363,13 +220,14 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
 
 
 @protectors.register()
-class ShieldProtector(Protector):
+class ShieldProtector(PlaintextWeightsProtector):
     """TEE partial shielding (DarkneTZ deep layers or Magnitude top-p); see the module docstring."""
 
     name = "shield"
     Params = ShieldParams
     modes = ("tee", "plain")
     secret_kind = "withheld-weights"
+    secret_file = SECRET
     host_memory_modes = ("tee",)
 
     def _protect(self, model: nn.Module, ctx: PluginContext, key: bytes) -> Artifact:
@@ -390,7 +248,7 @@ class ShieldProtector(Protector):
             fresh = fresh_init(ctx.model_factory, int(ctx.secret_rng().integers(2**63))).state_dict()
             with torch.no_grad():
                 for name, t in thief.state_dict().items():
-                    if name in secret:
+                    if name in secret.entries:
                         t.copy_(fresh[name])
             modules = [m for b in shielded for m in b]
             info["shielded_blocks"] = ["+".join(b) for b in shielded]
@@ -399,42 +257,36 @@ class ShieldProtector(Protector):
             tee_macs = sum(v for n, v in macs.items() if any(n == m or n.startswith(m + ".") for m in modules))
         else:
             secret = magnitude_secret(model, p.fraction)
-            with torch.no_grad():
-                restore(thief, {n: Shielded(s.shape, torch.zeros_like(s.values), s.index)
-                                for n, s in secret.items()}, "shield")
+            secret.zeroed().restore(thief, "shield")
             macs = layer_macs(model, ctx.example_input)
             tee_macs = sum(macs.get(n.rsplit(".", 1)[0], 0.0) * len(s.index) / math.prod(s.shape)
-                           for n, s in secret.items())
+                           for n, s in secret.entries.items())
             candidates = sum(m.weight.numel() for m in model.modules()
                              if isinstance(m, MAGNITUDE_LAYERS) and getattr(m, "weight", None) is not None)
             info["candidate_weights"] = candidates
-        shielded_values = sum(s.values.numel() for s in secret.values())
+        shielded_values = secret.count
         total = sum(t.numel() for t in model.state_dict().values())
-        artifact = self.new_artifact(
-            model, key, cipher="AES-256-GCM", shielded_tensors=sorted(secret), shielded_values=shielded_values,
-            state_values=total, shielded_fraction=shielded_values / max(1, total),
+        return self.plaintext_artifact(
+            model, key, secret.to_bytes(), weights=thief, shielded_tensors=sorted(secret.entries),
+            shielded_values=shielded_values, state_values=total, shielded_fraction=shielded_values / max(1, total),
             tee_mac_fraction=tee_macs / max(1.0, sum(macs.values())), **info)
-        artifact.put(WEIGHTS, state_bytes(thief))
-        artifact.put_encrypted(SECRET, secret_to_bytes(secret), key)
-        return artifact
 
-    def secret(self, artifact: Artifact, key: bytes) -> Secret:
-        """Authenticate the artifact under ``key``, then decrypt the shielded values."""
-        self.open(artifact, key)
-        return secret_from_bytes(artifact.decrypt(SECRET, key), f"{artifact.where}/{SECRET}")
+    def parse_secret(self, data: bytes, where: str) -> WeightPatch:
+        """The shielded values: whole tensors (``deep``) or values at positions (``magnitude``)."""
+        return WeightPatch.from_bytes(data, where)
 
-    def tee_factors(self, artifact: Artifact, secret: Secret) -> dict[str, float]:
+    def tee_factors(self, artifact: Artifact, secret: WeightPatch) -> dict[str, float]:
         """Module name → busy-wait factor of its :class:`TeeTimed` wrapper in ``tee`` mode."""
         made = artifact.meta.get("params", {})  # the artifact's own (authenticated) parameters, not this instance's
         extra = float(made.get("tee_slowdown", self.params.tee_slowdown)) - 1.0
         if made.get("variant", self.params.variant) == "deep":  # whole blocks: a residual add and ReLU run there too
             return {str(m): extra for m in artifact.meta.get("shielded_modules", [])}
-        return {n.rsplit(".", 1)[0]: extra * len(s.index) / math.prod(s.shape) for n, s in secret.items()}
+        return {n.rsplit(".", 1)[0]: extra * len(s.index) / math.prod(s.shape) for n, s in secret.entries.items()}
 
     def _deploy(self, artifact, key, model_factory: ModelFactory, mode=None):
         mode = self.check_mode(mode)
         secret = self.secret(artifact, key)
-        model = restore(load_weights(artifact, model_factory), secret, artifact.where)
+        model = secret.restore(self.plaintext_model(artifact, model_factory), artifact.where)
         if mode == "tee":
             try:
                 wrap_tee(model, self._outermost(self.tee_factors(artifact, secret)))
@@ -452,12 +304,9 @@ class ShieldProtector(Protector):
                 keep[n] = factors[n]
         return keep
 
-    def _stolen(self, artifact, model_factory):
-        return load_weights(artifact, model_factory)
-
     def _authorize(self, model, artifact, key, pruned=None):
-        secret, unmapped = remap(model, self.secret(artifact, key), pruned)
-        model = restore(copy.deepcopy(model), secret, artifact.where).eval()
+        secret, unmapped = self.secret(artifact, key).remap(model, pruned)
+        model = secret.restore(copy.deepcopy(model), artifact.where).eval()
         model.shield_unmapped = unmapped
         return model
 

@@ -163,3 +163,14 @@ def edgepro_artifact(clean_lenet, ctx, key):
 
     torch.manual_seed(0)
     return protectors.get("edgepro").protect(clean_lenet, ctx, key)
+
+
+#: fixtures that train a real model: every test that uses one, directly or through another fixture, is slow
+TRAINING_FIXTURES = {"clean_lenet"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that trains (uses a training fixture), so the fast loop never trains by accident."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

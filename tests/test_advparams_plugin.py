@@ -122,10 +122,11 @@ def test_authorize_a_channel_pruned_copy(full, clean_lenet, key, lenet_factory, 
     authorized = p.authorize(pruned_model, art, key, pruned=pruned)
     assert authorized.fc1.weight.shape[1] < clean_lenet.fc1.weight.shape[1]  # pruned behind a flatten too
     # Every weight of the authorized pruned copy is one of the clean model's: δ landed on the right positions.
-    for name in p.secret(art, key):
-        clean_values = set(clean_lenet.get_submodule(name).weight.detach().view(-1).tolist())
-        assert set(pruned_model.get_submodule(name).weight.detach().view(-1).tolist()) - clean_values, name
-        assert set(authorized.get_submodule(name).weight.detach().view(-1).tolist()) <= clean_values, name
+    clean, before, after = (m.state_dict() for m in (clean_lenet, pruned_model, authorized))
+    for name in p.secret(art, key).entries:
+        clean_values = set(clean[name].view(-1).tolist())
+        assert set(before[name].view(-1).tolist()) - clean_values, name
+        assert set(after[name].view(-1).tolist()) <= clean_values, name
 
 
 def test_onnx_outputs_equal_torch(full, key, lenet_factory, digits):

@@ -8,10 +8,11 @@ Most tests use a 1024-bit key and a small sample so that they take seconds; one 
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from phe import paillier
 from safetensors.torch import load as st_load
 from torch import nn
 
@@ -19,8 +20,14 @@ import protectors
 import protectors.he_paillier  # noqa: F401  (registers "he-paillier")
 from protectors.core.artifact import Artifact
 from protectors.core.base import latency_context
-from protectors.core.errors import ArtifactError, ConfigError
-from protectors.he_paillier import CIPHERTEXTS, PRIVATE_KEY, REST, security_bits
+from protectors.core.errors import ArtifactError, ConfigError, NotApplicable
+from protectors.he_paillier import CIPHERTEXTS, DEFAULT_KEYSIZE, MISSING_PHE, PRIVATE_KEY, REST, security_bits
+
+try:
+    from phe import paillier
+except ImportError:  # the optional extra (pip install 'edgepro-bench[paillier]') is missing: only its absence is tested
+    paillier = None
+needs_phe = pytest.mark.skipif(paillier is None, reason="phe not installed (pip install 'edgepro-bench[paillier]')")
 
 
 def acc(trainer, model, splits):
@@ -29,6 +36,8 @@ def acc(trainer, model, splits):
 
 @pytest.fixture(scope="module")
 def he(clean_lenet, ctx, key):
+    if paillier is None:
+        pytest.skip("phe not installed (pip install 'edgepro-bench[paillier]')")
     p = protectors.get("he-paillier", keysize=1024, sample=24)
     return p, p.protect(clean_lenet, ctx, key)
 
@@ -38,11 +47,14 @@ def test_bad_params_are_config_errors():
                 {"keysise": 2048}):
         with pytest.raises(ConfigError, match="he-paillier"):
             protectors.get("he-paillier", **bad)
-    assert protectors.get("he-paillier").params.keysize == paillier.DEFAULT_KEYSIZE == 3072
+    assert protectors.get("he-paillier").params.keysize == DEFAULT_KEYSIZE == 3072
+    if paillier is not None:
+        assert paillier.DEFAULT_KEYSIZE == DEFAULT_KEYSIZE
     assert protectors.get("he-paillier").params.sample == 256
     assert protectors.get("he-paillier", sample=None).params.sample is None
 
 
+@pytest.mark.slow
 def test_declarations_and_metadata(he, clean_lenet):
     p, art = he
     assert p.declaration() == {"secret_kind": "encrypted-weights", "holds_weights": False, "claims_chance": True,
@@ -58,6 +70,7 @@ def test_declarations_and_metadata(he, clean_lenet):
     assert p.keyspace_bits(art) == 80.0 and security_bits(3072) == 128.0 and security_bits(2048) == 112.0
 
 
+@pytest.mark.slow
 def test_authorized_equals_clean_and_stolen_is_a_random_init(he, clean_lenet, key, lenet_factory, digits, trainer,
                                                             tmp_path):
     p, art = he
@@ -75,6 +88,7 @@ def test_authorized_equals_clean_and_stolen_is_a_random_init(he, clean_lenet, ke
     assert p.authorize(stolen, art, key) is None
 
 
+@pytest.mark.slow
 def test_sample_is_paillier_encrypted_and_the_rest_aes(he, clean_lenet, key, other_key, lenet_factory):
     p, art = he
     assert sorted(art.secret_files) == [PRIVATE_KEY, REST]
@@ -97,6 +111,7 @@ def test_sample_is_paillier_encrypted_and_the_rest_aes(he, clean_lenet, key, oth
         p.deploy(art, other_key, lenet_factory)
 
 
+@needs_phe
 def test_sample_none_encrypts_every_weight_with_paillier(key):
     def factory():
         torch.manual_seed(0)
@@ -114,6 +129,7 @@ def test_sample_none_encrypts_every_weight_with_paillier(key):
     assert all(torch.equal(a, b) for a, b in zip(deployed.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_onnx_default_matches_torch(he, key, lenet_factory, digits):
     pytest.importorskip("onnxruntime")
     import copy
@@ -129,6 +145,7 @@ def test_onnx_default_matches_torch(he, key, lenet_factory, digits):
     assert abs(run(x.numpy()) - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_data_free_inspection_is_not_applicable(he):
     import attacks.inspect_weights  # noqa: F401
 
@@ -138,6 +155,7 @@ def test_data_free_inspection_is_not_applicable(he):
 
 
 @pytest.mark.slow
+@needs_phe
 def test_default_key_measures_real_paillier_times(clean_lenet, ctx, key, lenet_factory, digits, trainer):
     """phe's default key (3072 bits) on 2 weights: keygen and per-weight times, extrapolated to the whole model."""
     p = protectors.get("he-paillier", sample=2)
@@ -153,3 +171,35 @@ def test_default_key_measures_real_paillier_times(clean_lenet, ctx, key, lenet_f
                                                   "decrypt_s_per_weight", "extrapolated_encrypt_s",
                                                   "extrapolated_decrypt_s", "extrapolated_ciphertext_bytes")})
     assert acc(trainer, p.deploy(art, key, lenet_factory), digits) == acc(trainer, clean_lenet, digits)
+
+
+def _hide_phe(monkeypatch):
+    for name in ("phe", "phe.paillier", "phe.util"):
+        monkeypatch.setitem(sys.modules, name, None)  # ``import phe`` now raises ImportError, as when not installed
+
+
+@pytest.mark.slow  # clean_lenet trains LeNet-5 (40 epochs); an untrained lenet_factory() would keep it fast
+def test_without_phe_protect_and_deploy_say_why(monkeypatch, clean_lenet, ctx, key, lenet_factory):
+    """phe is an optional extra: without it the protector still builds, and protect/deploy are n/a with the fix."""
+    _hide_phe(monkeypatch)
+    p = protectors.get("he-paillier", keysize=1024, sample=4)
+    assert p.params.keysize == 1024 and protectors.get("he-paillier").params.keysize == DEFAULT_KEYSIZE
+    with pytest.raises(NotApplicable) as exc:
+        p.protect(clean_lenet, ctx, key)
+    assert str(exc.value) == MISSING_PHE
+    assert MISSING_PHE == "n/a: he-paillier needs the 'phe' package: pip install 'edgepro-bench[paillier]'"
+    art = Artifact.new("he-paillier", p.public_params(), {}, key).seal(key)  # authenticates; phe is asked first
+    with pytest.raises(NotApplicable, match="needs the 'phe' package"):
+        p.deploy(art, key, lenet_factory)
+    assert isinstance(p.stolen(art, lenet_factory), nn.Module)  # the thief's copy needs no phe
+
+
+def test_the_suite_imports_without_phe():
+    code = ("import sys\n"
+            "sys.modules['phe'] = None\n"
+            "import protectors, attacks\n"
+            "p = protectors.get('he-paillier')\n"
+            "assert p.params.keysize == 3072, p.params\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

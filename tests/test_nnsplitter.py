@@ -20,13 +20,13 @@ import protectors
 import protectors.nnsplitter  # noqa: F401  (registers the protector)
 from attacks.prune import PruneChannel
 from protectors.core.errors import ConfigError, KeyMaterialError
+from protectors.core.kinds.weight_patch import Patch, WeightPatch
 from protectors.nnsplitter import (
     ONNX,
     SECRET,
-    LayerSecret,
     NNSplitterProtector,
-    Secret,
     TeeConv,
+    keyspace_bits,
     layer_correction,
     tee_corrections,
 )
@@ -92,20 +92,19 @@ def test_secret_small_encrypted_and_keyed(protected, clean_lenet, lenet_factory,
     p, art, _ = protected
     assert art.secret_files == [SECRET] and 0 < p.secret_bytes(art) < 10_000
     secret = p.secret(art, key)
+    assert isinstance(secret, WeightPatch) and sorted(secret.entries) == ["conv1.weight", "conv2.weight"]
     plain = secret.to_bytes()
     assert all(plain not in data for data in art.files.values())
     # The plaintext weights hold obfuscated values at the secret positions, not the originals.
-    stolen = p.stolen(art, lenet_factory)
-    kept = sum(int((stolen.get_submodule(n).weight.detach().view(-1)[s.index] == s.value).sum())
-               for n, s in secret.layers.items())
+    stolen = p.stolen(art, lenet_factory).state_dict()
+    kept = sum(int((stolen[n].view(-1)[s.index] == s.values).sum()) for n, s in secret.entries.items())
     assert kept <= 0.1 * secret.count
     assert "index" not in str(art.meta) and "c" not in art.meta
     with pytest.raises(KeyMaterialError):
         p.deploy(art, other_key, lenet_factory)
-    widths = {"conv1": 6, "conv2": 16}
     expected = (math.log2(6) + math.log2(math.comb(25, 16)) + math.log2(16) + math.log2(math.comb(150, 16)))
-    assert p.keyspace_bits(art) == pytest.approx(expected) == pytest.approx(secret.keyspace_bits(widths))
-    assert Secret.from_bytes(plain, "x").layers.keys() == secret.layers.keys()
+    assert p.keyspace_bits(art) == pytest.approx(expected) == pytest.approx(keyspace_bits(secret))
+    assert WeightPatch.from_bytes(plain, "x").entries.keys() == secret.entries.keys()
 
 
 def test_authorize_fine_tuned_copy(protected, clean_lenet, digits, lenet_factory, trainer, key):
@@ -119,8 +118,9 @@ def test_authorize_fine_tuned_copy(protected, clean_lenet, digits, lenet_factory
                         epochs=1)
     auth = p.authorize(tuned, art, key)
     assert isinstance(auth, nn.Module) and auth is not tuned
-    for name, s in p.secret(art, key).layers.items():
-        assert torch.equal(auth.get_submodule(name).weight.detach().view(-1)[s.index], s.value)
+    state = auth.state_dict()
+    for name, s in p.secret(art, key).entries.items():
+        assert torch.equal(state[name].view(-1)[s.index], s.values)
 
 
 def test_authorize_channel_pruned_copy(protected, clean_lenet, digits, lenet_factory, trainer, key):
@@ -168,7 +168,7 @@ def test_tee_conv_equals_the_original_conv(kw):
     obf = copy.deepcopy(orig)
     with torch.no_grad():
         obf.weight.view(-1)[index] += torch.tensor([0.5, -0.7, 0.3])
-    s = LayerSecret(shape, index, orig.weight.detach().view(-1)[index].clone())
+    s = Patch(shape, orig.weight.detach().view(-1)[index].clone(), index)
     delta, filters = layer_correction(obf.weight, s)
     assert filters.tolist() == [1, 4] and delta.shape == (2, *shape[1:])
     x = torch.randn(2, 6, 9, 9)

@@ -115,7 +115,7 @@ def test_secret_is_encrypted_and_withheld(arts, clean_lenet, key, other_key, len
 
     p, art = arts["magnitude"]
     plain = load_state_bytes(lenet_factory(), art.file(WEIGHTS), "weights").state_dict()
-    secret = p.secret(art, key)
+    secret = p.secret(art, key).entries
     for name, s in secret.items():
         flat = plain[name].view(-1)
         assert torch.equal(flat[s.index], torch.zeros(len(s.index)))  # zeroed in the thief's copy
@@ -134,7 +134,7 @@ def test_tee_mode_wraps_shielded_modules(arts, key, lenet_factory):
     assert not any(isinstance(m, TeeTimed) for m in p.deploy(art, key, lenet_factory, "plain").modules())
     p, art = arts["magnitude"]
     model = p.deploy(art, key, lenet_factory, "tee")
-    secret = p.secret(art, key)
+    secret = p.secret(art, key).entries
     for name in LAYERS:
         s = secret[f"{name}.weight"]
         assert model.get_submodule(name).extra == pytest.approx(9.0 * len(s.index) / math.prod(s.shape))

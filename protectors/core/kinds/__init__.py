@@ -10,10 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import neuron_mask, neuron_sign
+from . import neuron_mask, neuron_sign, weight_patch
 
 #: kind name → the module that owns it (kinds with no shared format or helpers have no module)
-MODULES: dict[str, ModuleType] = {neuron_mask.KIND: neuron_mask, neuron_sign.KIND: neuron_sign}
+MODULES: dict[str, ModuleType] = {neuron_mask.KIND: neuron_mask, neuron_sign.KIND: neuron_sign,
+                                  weight_patch.KIND: weight_patch}
 
 
 def check_public_meta(kind: str, meta: dict[str, Any]) -> None:
