@@ -16,7 +16,8 @@ from bench import config, data, report
 from bench.cli import main
 from protectors.core.errors import BenchError, DataError
 
-BASE = 'datasets = ["digits"]\n'
+NONE = 'protectors = [{name = "none"}]\n'
+BASE = 'datasets = ["digits"]\n' + NONE
 
 
 @pytest.fixture
@@ -81,9 +82,9 @@ def test_largest_seed_is_accepted(tmp_path):
 
 
 def test_empty_protectors_is_an_error_but_empty_attacks_is_fine(tmp_path, capsys, no_runner):
-    rc, err = run_cli(tmp_path, capsys, BASE + "protectors = []\n")
+    rc, err = run_cli(tmp_path, capsys, 'datasets = ["digits"]\nprotectors = []\n')
     assert rc == 2
-    assert_one_line(err, "c.toml: protectors: must not be empty", "'none'")
+    assert_one_line(err, "c.toml: protectors: must not be empty", "python -m bench list")
     (tmp_path / "ok.toml").write_text(BASE + "attacks = []\n")
     cfg = config.load(str(tmp_path / "ok.toml"))
     assert cfg.attacks == [] and [p.name for p in cfg.protectors] == ["none"]
@@ -175,7 +176,7 @@ def test_bad_idx_file_is_named(tmp_path, capsys, name, content, message):
     raw = tmp_path / "MNIST" / "raw"
     write_idx(raw)
     (raw / name).write_bytes(content)
-    rc, err = run_cli(tmp_path, capsys, 'datasets = ["mnist"]\n', "--data-root", str(tmp_path))
+    rc, err = run_cli(tmp_path, capsys, 'datasets = ["mnist"]\n' + NONE, "--data-root", str(tmp_path))
     assert rc == 2
     assert_one_line(err, f"{raw / name}: ", message)
     assert not list((tmp_path / "out").glob("records/*.json"))
@@ -209,7 +210,7 @@ def test_bad_cifar_batch_is_named(tmp_path, capsys, batch, message):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar(folder)
     (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
-    rc, err = run_cli(tmp_path, capsys, 'datasets = ["cifar10"]\n', "--data-root", str(tmp_path))
+    rc, err = run_cli(tmp_path, capsys, 'datasets = ["cifar10"]\n' + NONE, "--data-root", str(tmp_path))
     assert rc == 2
     assert_one_line(err, f"{folder / 'data_batch_3'}: ", message)
 
