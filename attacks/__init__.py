@@ -4,8 +4,8 @@ Built-ins are imported here so their names are always registered; third-party at
 ``edgepro_bench.attacks`` entry-point group.
 """
 
-from . import finetune, guess, inspect_weights, keyrecovery, prune  # noqa: F401  (registers the built-ins)
-from .base import Attack, Loot, Outcome, PlotSpec, ThiefContext
+from . import distill, finetune, guess, inspect_weights, keyrecovery, prune, rescale  # noqa: F401  (registers the built-ins)
+from .base import Attack, Grants, Loot, Oracle, Outcome, PlotSpec, ThiefContext
 from .registry_instance import attacks
 
 
@@ -13,4 +13,4 @@ def get(name: str, **params) -> Attack:
     return attacks.get(name)(**params)
 
 
-__all__ = ["Attack", "Loot", "Outcome", "PlotSpec", "ThiefContext", "attacks", "get"]
+__all__ = ["Attack", "Grants", "Loot", "Oracle", "Outcome", "PlotSpec", "ThiefContext", "attacks", "get"]

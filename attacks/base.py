@@ -1,10 +1,20 @@
 """The attack interface and the thief's context.
 
 Threat model. The thief copied the device storage: the artifact's files (weights and encrypted blobs), not the key
-held by the device's secure element. The thief knows the architecture and the protection method (Kerckhoffs's
-principle), holds a labeled fraction ``f`` of the training set, and has a compute budget in epochs. What stealing is
-worth is always measured against *scratch*: the same architecture trained from random initialization on the same
-data with the same budget (``gain = stolen_acc_after - scratch_acc``).
+held by the device's secure element, and it owns the device. The thief knows the architecture and the protection
+method (Kerckhoffs's principle). Its budget is data: a labeled fraction ``f`` of the training set, optionally an
+unlabeled pool and a number of queries to the authorized device (:class:`Grants`, config ``[thief]``).
+
+The thief protocol:
+
+- every training the thief does, scratch included, uses one recipe (:mod:`attacks.recipe`): a train/validation split
+  of its own labeled data, a small learning-rate grid, early stopping and selection on its validation split
+  (:meth:`ThiefContext.fit`); an attack may ask for less, never for more;
+- what stealing is worth is always measured against *scratch*: the same architecture trained from the thief's own
+  random initialization on the same labeled data with the same recipe (``gain = stolen_acc_after - scratch_acc``);
+- an attack reports ``val_acc``, its own validation score of what it returns, so the strongest attack is chosen on
+  the thief's side; the harness scores on the test set, which an attack never receives;
+- queries go through a counted :class:`Oracle` on the authorized deployment, when the run grants one.
 
 An attack receives what the thief holds (:class:`Loot`) and a :class:`ThiefContext`, and returns one
 :class:`Outcome` per parameter cell. It never sees the key: the harness alone uses it, afterwards, to ask whether
@@ -31,6 +41,8 @@ from protectors.core.artifact import Artifact
 from protectors.core.base import Configurable, ModelFactory, Protector, Trainer
 from protectors.core.pruning import Pruned
 
+from .recipe import Fit, ThiefRecipe, fit
+
 
 @dataclasses.dataclass
 class Loot:
@@ -44,21 +56,99 @@ class Loot:
         return self.protector.stolen(self.artifact, self.model_factory)
 
 
+class Oracle:
+    """Counted queries to the authorized device the thief owns: it sends inputs, it gets outputs, nothing else.
+
+    ``output`` is what the device answers: ``"labels"`` (the predicted class per input) or ``"probs"`` (the softmax
+    probabilities). Every input counts against ``budget``; a query past it raises :class:`QueryBudgetExceeded`. The
+    harness records :attr:`used` with the row.
+    """
+
+    OUTPUTS = ("labels", "probs")
+
+    def __init__(self, answer: Callable[[torch.Tensor], torch.Tensor], budget: int, output: str = "labels"):
+        if output not in self.OUTPUTS:
+            raise ValueError(f"oracle output {output!r}: allowed {', '.join(self.OUTPUTS)}")
+        self._answer, self.budget, self.output, self.used = answer, int(budget), output, 0
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.used
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        if n > self.remaining:
+            raise QueryBudgetExceeded(f"oracle: {n} queries asked, {self.remaining} of {self.budget} left")
+        self.used += n
+        with torch.no_grad():
+            logits = self._answer(x)
+        return logits.argmax(1) if self.output == "labels" else torch.softmax(logits, 1)
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """An attack asked the oracle for more queries than the run grants."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Grants:
+    """What the run grants the thief beyond the stolen copy (config section ``[thief]``): an oracle on the
+    authorized device (``oracle``: ``"none"``, ``"labels"`` or ``"probs"``, with a budget of ``queries`` inputs) and an
+    unlabeled pool (``unlabeled``: a fraction of the training set, without its labels)."""
+
+    oracle: str = "none"
+    queries: int = 0
+    unlabeled: float = 0.0
+
+    def validate(self) -> None:
+        if self.oracle not in ("none", *Oracle.OUTPUTS):
+            raise ValueError(f"'oracle' must be one of none, {', '.join(Oracle.OUTPUTS)}, got {self.oracle!r}")
+        if self.queries < 0:
+            raise ValueError(f"'queries' must be >= 0, got {self.queries}")
+        if not 0 <= self.unlabeled < 1:
+            raise ValueError(f"'unlabeled' must be in [0, 1), got {self.unlabeled}")
+        if self.oracle != "none" and self.queries < 1:
+            raise ValueError(f"an oracle of {self.oracle} needs 'queries' >= 1")
+
+    def key(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class ThiefContext:
-    """The thief's resources: a trainer, a labeled subset maker, a loader, the test set to score on, a seed."""
+    """The thief's resources: its labeled data (a fraction of the training set), the training recipe every thief
+    training uses (:mod:`attacks.recipe`), what the run grants (an oracle, an unlabeled pool), and its seed.
+
+    The test set is not here: the harness scores what an attack returns. ``trainer`` and ``loader`` remain for
+    attacks with optimisation loops of their own (mask and sign learning); ``evaluate`` scores on data the thief
+    holds.
+    """
 
     trainer: Trainer
     thief_data: Callable[[float, int], tuple[torch.Tensor, torch.Tensor]]
     loader: Callable[[torch.Tensor, torch.Tensor, int], Any]
-    test_x: torch.Tensor
-    test_y: torch.Tensor
     num_classes: int
     lock_sites: tuple[str, ...]
     seed: int
+    recipe: ThiefRecipe = dataclasses.field(default_factory=ThiefRecipe)
+    grants: Grants = dataclasses.field(default_factory=Grants)
+    #: the counted oracle, when the run grants one
+    oracle: Oracle | None = None
+    #: ``unlabeled_pool(seed) -> x``: the unlabeled fraction the run grants (disjoint from the labeled data)
+    unlabeled_pool: Callable[[int], torch.Tensor] | None = None
 
-    def evaluate(self, model: nn.Module) -> float:
-        return self.trainer.evaluate(model, self.test_x, self.test_y)
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Accuracy on data the thief holds (its own labeled data or validation split)."""
+        return self.trainer.evaluate(model, x, y)
+
+    def fit(self, init: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> Fit:
+        """Train with the thief's recipe (selection on its own validation split); ``kwargs`` go to
+        :func:`attacks.recipe.fit` (``loss_fn``, ``augment``) or, for recipe fields, ask for less
+        (``lrs=[0.01]``, ``max_epochs=2``)."""
+        fields = {f.name for f in dataclasses.fields(ThiefRecipe)}
+        changes = {k: v for k, v in kwargs.items() if k in fields}
+        rest = {k: v for k, v in kwargs.items() if k not in fields}
+        recipe = self.recipe.with_(**changes) if changes else self.recipe
+        return fit(init, x, y, recipe, self.seed, **rest)
 
 
 #: how a figure draws the rows of the attacks that declare it (see :class:`PlotSpec`)
@@ -126,8 +216,9 @@ class Outcome:
     pruned: Pruned | None = None
     #: the attacker's guess of the secret, compared with the real one by the harness (reporting only)
     guess: Any = None
-    #: the learning rate the attack trained with, when not the training config's: the scratch baseline uses it too
-    lr: float | None = None
+    #: the thief's own validation accuracy of ``model`` (what a thief can use to pick its strongest attack), from
+    #: :meth:`ThiefContext.fit` (``Fit.val_acc``) or the attack's own selection on thief data; ``None`` without data
+    val_acc: float | None = None
 
 
 class Attack(Configurable, ABC):
@@ -143,13 +234,26 @@ class Attack(Configurable, ABC):
     #: whether the thief's copy must hold trained weights (data-free weight inspection)
     needs_weights: ClassVar[bool] = False
 
-    def not_applicable(self, protector: Protector, artifact: Artifact) -> str | None:
-        """Why this attack does not apply to ``protector`` (shown in the table), or ``None`` if it does."""
+    def needs_oracle(self, cell: str | None = None) -> str | None:
+        """The oracle output this attack (or its row ``cell``) needs: ``"labels"``, ``"probs"``, or ``None``."""
+        return None
+
+    def not_applicable(self, protector: Protector, artifact: Artifact, grants: Grants | None = None,
+                       cell: str | None = None) -> str | None:
+        """Why this attack does not apply to ``protector`` under the run's ``grants`` (shown in the table), or
+        ``None`` if it does."""
         if self.secret_kinds is not None and protector.secret_kind not in self.secret_kinds:
             return (f"n/a: {self.name} needs a secret of kind {' or '.join(self.secret_kinds)}; "
                     f"{protector.name}'s is {protector.secret_kind}")
         if self.needs_weights and not protector.holds_weights:
             return f"n/a: {self.name} needs trained weights in the stolen copy; {protector.name}'s holds none"
+        need = self.needs_oracle(cell)
+        if need is not None:
+            grants = grants or Grants()
+            if grants.oracle == "none" or grants.queries < 1:
+                return f"n/a: {self.name} needs an oracle ({need}); the run grants none ([thief] oracle, queries)"
+            if need == "probs" and grants.oracle != "probs":
+                return f"n/a: {self.name} needs probabilities from the oracle; the run grants {grants.oracle}"
         return None
 
     def cells(self) -> list[str]:

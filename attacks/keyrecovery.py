@@ -34,8 +34,8 @@ from protectors.core.kinds.neuron_sign import SignKey, apply_key, draw_key
 from protectors.core.seeding import stream_seed
 
 from .base import Attack, Loot, Outcome, ThiefContext
-from .finetune import _fractions_ok
-from .guess import ScoredGuesses, guess_stats, stats_sample
+from .finetune import check_fractions
+from .guess import ScoredGuesses, guess_stats
 from .registry_instance import attacks
 
 #: evaluation batch for scoring keys on the thief's data
@@ -107,19 +107,13 @@ class KeyGuessParams:
     fraction: float = 0.05
     #: ``None``: the artifact's public ``key_bits``
     key_bits: int | None = None
-    #: epochs the scratch baseline trains on the same thief data (guessing itself trains nothing)
-    scratch_epochs: int = 10
-    #: test images (a fixed stratified sample) on which every guess is scored for the per-guess statistics
-    stats_samples: int = 2000
 
     def validate(self) -> None:
-        if self.guesses < 1 or self.stats_samples < 1:
-            raise ValueError("parameters 'guesses' and 'stats_samples' must be >= 1")
-        _fractions_ok([self.fraction])
+        if self.guesses < 1:
+            raise ValueError("parameter 'guesses' must be >= 1")
+        check_fractions([self.fraction])
         if self.key_bits is not None and self.key_bits < 1:
             raise ValueError(f"parameter 'key_bits' must be >= 1, got {self.key_bits}")
-        if self.scratch_epochs < 0:
-            raise ValueError(f"parameter 'scratch_epochs' must be >= 0, got {self.scratch_epochs}")
 
 
 @attacks.register()
@@ -137,8 +131,7 @@ class KeyGuessRandom(ScoredGuesses, Attack):
     def run(self, loot: Loot, ctx: ThiefContext, cell: str) -> Outcome:
         p = self.params
         dev, stolen, model, x, y, widths, k = _setup(loot, ctx, p.fraction, p.key_bits)
-        tx, ty = stats_sample(ctx, p.stats_samples)
-        x, y, tx, ty = x.to(dev), y.to(dev), tx.to(dev), ty.to(dev)
+        x, y = x.to(dev), y.to(dev)
         rng = np.random.default_rng(stream_seed(ctx.seed, "thief/key-guesses"))
         signs = _Signs(model, {s: torch.ones(w, device=dev) for s, w in widths.items()})
         scores = []
@@ -146,12 +139,12 @@ class KeyGuessRandom(ScoredGuesses, Attack):
             guess = draw_key(widths, k, rng)
             signs.values.update({s: m.to(dev) for s, m in guess.masks().items()})
             loss, acc = _loss_acc(model, x, y)
-            scores.append((acc, -loss, _loss_acc(model, tx, ty)[1], guess))
+            scores.append((acc, -loss, guess))
         signs.remove()
-        test_accs = np.array([s[2] for s in scores])
+        accs = np.array([s[0] for s in scores])
         best = max(scores, key=lambda s: (s[0], s[1]))
-        extra = {"key_bits": k, **guess_stats(test_accs, len(tx))}
-        return Outcome(cell, _result(stolen, best[3]), (p.fraction, p.scratch_epochs), extra=extra, guess=best[3])
+        extra = {"key_bits": k, **guess_stats(accs, len(y))}
+        return Outcome(cell, _result(stolen, best[2]), (p.fraction, 0), extra=extra, guess=best[2], val_acc=best[0])
 
 
 @dataclass(frozen=True)
@@ -164,16 +157,15 @@ class GreedyParams:
     max_evals: int = 2000
     #: a toggle is kept when the thief's mean loss drops by more than this
     tol: float = 1e-4
-    scratch_epochs: int = 10
 
     def validate(self) -> None:
-        _fractions_ok([self.fraction])
+        check_fractions([self.fraction])
         if self.key_bits is not None and self.key_bits < 1:
             raise ValueError(f"parameter 'key_bits' must be >= 1, got {self.key_bits}")
         if self.passes < 1 or self.max_evals < 1:
             raise ValueError("parameters 'passes' and 'max_evals' must be >= 1")
-        if self.tol < 0 or self.scratch_epochs < 0:
-            raise ValueError("parameters 'tol' and 'scratch_epochs' must be >= 0")
+        if self.tol < 0:
+            raise ValueError("parameter 'tol' must be >= 0")
 
 
 @attacks.register()
@@ -232,7 +224,7 @@ class KeyRecoveryGreedy(Attack):
             end_acc = _loss_acc(_result(stolen, guess).to(dev), x, y)[1]
         extra = {"key_bits": k, "flips": flips, "evals": evals, "passes": passes, "thief_loss_before": start_loss,
                  "thief_loss_after": best, "thief_acc_before": start_acc, "thief_acc_after": end_acc}
-        return Outcome(cell, _result(stolen, guess), (p.fraction, p.scratch_epochs), extra=extra, guess=guess)
+        return Outcome(cell, _result(stolen, guess), (p.fraction, 0), extra=extra, guess=guess, val_acc=end_acc)
 
 
 @dataclass(frozen=True)
@@ -245,7 +237,7 @@ class SignLearningParams:
     key_bits: int | None = None
 
     def validate(self) -> None:
-        _fractions_ok([self.fraction])
+        check_fractions([self.fraction])
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError("parameters 'epochs' must be >= 1 and 'lr' > 0")
         if self.key_bits is not None and self.key_bits < 1:
@@ -285,4 +277,7 @@ class SignLearning(Attack):
         guess = SignKey.from_flips(flips, widths)
         extra = {"key_bits": k, "flips": len(order), "negative": int((s_all < 0).sum()),
                  "undecided": int((s_all.abs() < 0.5).sum())}
-        return Outcome(cell, _result(stolen, guess), (p.fraction, p.epochs), extra=extra, guess=guess)
+        result = _result(stolen, guess)
+        with torch.no_grad():
+            val = _loss_acc(result.to(dev), x.to(dev), y.to(dev))[1]
+        return Outcome(cell, result, (p.fraction, p.epochs), extra=extra, guess=guess, val_acc=val)

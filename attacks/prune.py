@@ -20,7 +20,7 @@ from torch.nn.utils import prune as tprune
 from protectors.core.pruning import Pruned
 
 from .base import Attack, Loot, Outcome, PlotSpec, ThiefContext
-from .finetune import _fractions_ok, finetune
+from .finetune import check_fractions, finetune
 from .registry_instance import attacks
 
 
@@ -35,7 +35,7 @@ class PruneParams:
             raise ValueError(f"parameter 'ratios' must be a non-empty list of numbers in (0, 1), got {self.ratios!r}")
         if self.finetune_epochs < 0:
             raise ValueError(f"parameter 'finetune_epochs' must be >= 0, got {self.finetune_epochs}")
-        _fractions_ok([self.fraction])
+        check_fractions([self.fraction])
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,12 +66,16 @@ class _PruneAttack(Attack):
         model = loot.stolen_model()
         for p in model.parameters():
             p.requires_grad_(True)
-        extra, pruned = self.prune(model, ratio, ctx.test_x[:1])
-        budget = (0.0, 0)
+        x, y = ctx.thief_data(self.params.fraction, ctx.seed)
+        extra, pruned = self.prune(model, ratio, x[:1])
         if cell.endswith("+ft"):
-            finetune(model, ctx, self.params.fraction, self.params.finetune_epochs, desc=f"{self.name} {cell}")
-            budget = (self.params.fraction, self.params.finetune_epochs)
-        return Outcome(cell, model.eval(), budget, extra=extra, pruned=pruned)
+            # The recipe, capped at finetune_epochs per learning rate (the attack asks for less).
+            fit = finetune(model, ctx, self.params.fraction, self.params.finetune_epochs)
+            return Outcome(cell, fit.model, (self.params.fraction, fit.epochs_run), extra={**extra, "lr": fit.lr},
+                           pruned=pruned, val_acc=fit.val_acc)
+        # Data-free: the thief can still look at its own data to judge the result (it does not train on it).
+        return Outcome(cell, model.eval(), (0.0, 0), extra=extra, pruned=pruned,
+                       val_acc=ctx.evaluate(model, x, y))
 
 
 @attacks.register()

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attacks.base import Grants
+from attacks.recipe import ThiefRecipe
 from protectors.core.base import build_params
 from protectors.core.errors import ConfigError, did_you_mean
 
@@ -85,10 +87,23 @@ class RunConfig:
     profile: ProfileConfig
     attack_seeds: list[int] | None = None
     experiments: list[Experiment] = field(default_factory=list)
+    thief: ThiefConfig = field(default_factory=lambda: ThiefConfig())
+
+
+@dataclass(frozen=True)
+class ThiefConfig:
+    """``[thief]``: the recipe every thief training uses (:class:`attacks.recipe.ThiefRecipe`) and what the run
+    grants the thief (:class:`attacks.base.Grants`: an oracle on the device, an unlabeled pool)."""
+
+    recipe: ThiefRecipe = field(default_factory=ThiefRecipe)
+    grants: Grants = field(default_factory=Grants)
+
+    def key(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.key(), "grants": self.grants.key()}
 
 
 TOP_KEYS = {"name", "description", "datasets", "models", "seeds", "attack_seeds", "train", "train_subset",
-            "protectors", "attacks", "profile", "experiments", "plugins"}
+            "protectors", "attacks", "profile", "experiments", "plugins", "thief"}
 #: a config's name: one plain path component (no '/', no '..', not hidden), so ``runs/<name>`` stays in ``runs/``
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 EXPERIMENT_KEYS = {"dataset", "model", "train", "train_subset"}
@@ -240,6 +255,7 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
     if not isinstance(profile_raw, dict):
         raise ConfigError(f"{src}: 'profile' must be a table")
     profile = build_params(ProfileConfig, profile_raw, f"{src}: profile")
+    thief = _thief(src, raw.get("thief", {}))
     from .targets import targets as target_registry
 
     for key, registry in (("targets", target_registry), ("models", models)):
@@ -251,12 +267,32 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
         experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
         name=name, seeds=seeds, attack_seeds=attack_seeds, profile=profile,
-        experiments=experiments,
+        experiments=experiments, thief=thief,
         # Every cell is (protector × ...): with none the run would do nothing and leave no records to report.
         protectors=_plugins(src, "protectors", raw.get("protectors", []), protector_registry,
                             empty_hint="list at least one (`python -m bench list` names them)", hints=hints),
         attacks=_plugins(src, "attacks", raw.get("attacks", []), attack_registry, hints=hints),
     )
+
+
+def _thief(src: str, raw: Any) -> ThiefConfig:
+    """``[thief]``: recipe fields and grants in one table."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: 'thief' must be a table")
+    grant_keys = {f.name for f in dataclasses.fields(Grants)}
+    recipe_keys = {f.name for f in dataclasses.fields(ThiefRecipe)}
+    for k in raw:
+        if k not in grant_keys | recipe_keys:
+            raise _unknown(f"{src}: thief", k, grant_keys | recipe_keys)
+    recipe_raw = {k: v for k, v in raw.items() if k in recipe_keys}
+    if "lrs" in recipe_raw:
+        lrs = recipe_raw["lrs"]
+        if not isinstance(lrs, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lrs):
+            raise ConfigError(f"{src}: thief.lrs: must be a list of numbers, got {lrs!r}")
+        recipe_raw["lrs"] = tuple(float(v) for v in lrs)
+    recipe = build_params(ThiefRecipe, recipe_raw, f"{src}: thief")
+    grants = build_params(Grants, {k: v for k, v in raw.items() if k in grant_keys}, f"{src}: thief")
+    return ThiefConfig(recipe, grants)
 
 
 def _experiments(src: str, entries: Any, train_raw: dict, subset: int | None, datasets, models) -> list[Experiment]:

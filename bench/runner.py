@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 import protectors
 from attacks import Loot, Outcome, ThiefContext
 from attacks import attacks as attack_registry
+from attacks.base import Oracle
+from attacks.recipe import fit as thief_fit
 from protectors.core.artifact import Artifact
 from protectors.core.base import PluginContext, Protector
 from protectors.core.crypto import device_key, key_id, secret_seed
@@ -133,8 +135,22 @@ class Workbench:
 
         return protector, self.runner.cache.artifact(key, make)
 
+    def _thief_index(self, fraction: float, seed: int) -> torch.Tensor:
+        """Indices into the training set of the thief's labeled fraction (class-stratified, the thief's seed)."""
+        s = self.splits
+        idx, _ = stratified_subset(torch.arange(len(s.train_y)), s.train_y, fraction, stream_seed(seed, "thief/data"))
+        return idx
+
     def thief_data(self, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return stratified_subset(self.splits.train_x, self.splits.train_y, fraction, stream_seed(seed, "thief/data"))
+        idx = self._thief_index(fraction, seed)
+        return self.splits.train_x[idx], self.splits.train_y[idx]
+
+    def unlabeled_pool(self, fraction: float, seed: int) -> torch.Tensor:
+        """The unlabeled pool the run grants: a class-stratified ``fraction`` of the training images without their
+        labels (a stream of the thief's own; it may hold images the thief also has labeled)."""
+        s = self.splits
+        pool, _ = stratified_subset(torch.arange(len(s.train_y)), s.train_y, fraction, stream_seed(seed, "thief/pool"))
+        return s.train_x[pool]
 
     def thief_factory(self, seed: int):
         """The architecture as the thief initializes it: a random stream of the thief's own, never the device's."""
@@ -144,33 +160,48 @@ class Workbench:
     def clean_acc(self) -> float:
         return self.trainer.evaluate(self.clean, self.splits.test_x, self.splits.test_y)
 
-    def scratch_acc(self, fraction: float, epochs: int, seed: int, lr: float | None = None) -> float:
-        """Accuracy of the thief's own model: random init, trained on the thief's subset with the same budget (and
-        the attack's learning rate, when it set one)."""
-        key = (fraction, epochs, seed, lr)
+    def scratch_acc(self, fraction: float, seed: int) -> float:
+        """Test accuracy of the thief's own model: its random init, trained with the thief's recipe on its
+        ``fraction`` of labeled data (the same recipe every attack trains with: a fair scratch); ``fraction = 0``
+        (a data-free attack): the untrained model."""
+        key = (fraction, seed)
         if key not in self._scratch:
-            self._scratch[key] = self._scratch_acc(fraction, epochs, seed, lr)
+            self._scratch[key] = self._scratch_acc(fraction, seed)
         return self._scratch[key]
 
-    def _scratch_acc(self, fraction: float, epochs: int, seed: int, lr: float | None) -> float:
+    def _scratch_acc(self, fraction: float, seed: int) -> float:
+        recipe = self.runner.cfg.thief.recipe
+
         def train(m):
             seed_everything(seed)
             x, y = self.thief_data(fraction, seed)
-            return self.trainer.fit(m, self.loader(x, y, seed), epochs=epochs, desc="scratch", lr=lr)
+            return thief_fit(lambda: m, x, y, recipe, seed).model
 
-        if epochs == 0:
+        if fraction == 0:
             model = self.thief_factory(seed)().eval()
         else:
-            key = {"kind": "scratch", **self.base_key, "fraction": fraction, "epochs": epochs, "attack_seed": seed,
-                   **({"lr": lr} if lr is not None else {})}
+            key = {"kind": "scratch", **self.base_key, "fraction": fraction, "attack_seed": seed,
+                   "recipe": recipe.key(), "recipe_code": code_digest("attacks.recipe")}
             model = self.runner.cache.model(key, self.thief_factory(seed), train)
         return self.trainer.evaluate(model, self.splits.test_x, self.splits.test_y)
 
-    def thief_context(self, seed: int) -> ThiefContext:
-        s = self.splits
-        return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader, test_x=s.test_x,
-                            test_y=s.test_y, num_classes=self.info.num_classes,
-                            lock_sites=self.card.lock_sites, seed=seed)
+    def thief_context(self, seed: int, oracle: Oracle | None = None) -> ThiefContext:
+        """What the thief holds: its labeled data, the recipe, the run's grants; never the test set or the key."""
+        thief = self.runner.cfg.thief
+        pool = None
+        if thief.grants.unlabeled > 0:
+            pool = functools.partial(self.unlabeled_pool, thief.grants.unlabeled)
+        return ThiefContext(trainer=self.trainer, thief_data=self.thief_data, loader=self.loader,
+                            num_classes=self.info.num_classes, lock_sites=self.card.lock_sites, seed=seed,
+                            recipe=thief.recipe, grants=thief.grants, oracle=oracle, unlabeled_pool=pool)
+
+    def oracle(self, protector: Protector, artifact: Artifact) -> Oracle | None:
+        """A counted oracle on the authorized deployment (the device the thief owns), when the run grants one."""
+        grants = self.runner.cfg.thief.grants
+        if grants.oracle == "none":
+            return None
+        device = protector.deploy(artifact, self.runner.key, self.factory())
+        return Oracle(lambda x: device(x), grants.queries, grants.oracle)
 
 
 class Runner:
@@ -223,7 +254,8 @@ class Runner:
                             for aseed in attack_seeds:
                                 yield "attack", exp, {"kind": "attack", **base, "protector": pkey,
                                                       "label": p.label, "attack": akey, "attack_label": a.label,
-                                                      "param": param, "attack_seed": aseed}
+                                                      "param": param, "attack_seed": aseed,
+                                                      "thief": cfg.thief.key()}
 
     def cell_order(self, cell: dict[str, Any]) -> dict[str, int]:
         """Where ``cell`` comes in this config, per table column (recorded as the record's ``order``, so the tables
@@ -320,28 +352,33 @@ class Runner:
         protector, artifact = wb.artifact(spec)
         attack = attack_registry.get(aspec.name)(**aspec.params)
         declaration = attack.declaration(param)  # how the report shows this row (its plot, its table)
-        why = attack.not_applicable(protector, artifact)
+        why = attack.not_applicable(protector, artifact, self.cfg.thief.grants, param)
         if why:
             return {"applicable": False, "note": why, "declaration": declaration}
         loot = Loot(artifact=artifact, protector=protector, model_factory=wb.thief_factory(aseed))
-        ctx = wb.thief_context(aseed)
+        oracle = wb.oracle(protector, artifact)
+        ctx = wb.thief_context(aseed, oracle)
         t0 = time.perf_counter()
         seed_everything(aseed)
         o: Outcome = attack.run(loot, ctx, param)
         seconds = time.perf_counter() - t0
-        stolen_after = ctx.evaluate(o.model)
+        # The harness scores: the test set never reaches the attack.
+        s = wb.splits
+        stolen_after = wb.trainer.evaluate(o.model, s.test_x, s.test_y)
         extra, note = dict(o.extra), ""
         # Only now, outside the attack, the key: does the real secret still work on the attacked copy?
         try:
             authorized = protector.authorize(o.model, artifact, self.key, pruned=o.pruned)
-            auth_after = ctx.evaluate(authorized) if authorized is not None else None
+            auth_after = wb.trainer.evaluate(authorized, s.test_x, s.test_y) if authorized is not None else None
         except NotApplicable as exc:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
         if o.guess is not None:
             extra.update(protector.compare_secret(artifact, self.key, o.guess))
         # What the attack derives from its own numbers once the clean accuracy is known (the attack never sees it).
         extra.update(attack.derived(extra, wb.clean_acc))
-        scratch = wb.scratch_acc(*o.budget, seed=aseed, lr=o.lr)
+        fraction = float(o.budget[0])
+        scratch = wb.scratch_acc(fraction, seed=aseed)
         return {"applicable": True, "stolen_acc_after": stolen_after, "auth_acc_after": auth_after,
                 "scratch_acc": scratch, "gain": stolen_after - scratch, "budget": list(o.budget), "extra": extra,
+                "fraction": fraction, "val_acc": o.val_acc, "queries": oracle.used if oracle is not None else 0,
                 "seconds": seconds, "note": note, "declaration": declaration}

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -174,3 +176,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@functools.cache
+def _digits_test_set():
+    s = data.load("digits", seed=0)
+    return s.test_x, s.test_y
+
+
+def score_on_test(model) -> float:
+    """What the harness does with an attacked model (attacks never see the test set): digits test accuracy."""
+    x, y = _digits_test_set()
+    return Trainer(TrainConfig(), progress=False).evaluate(model, x, y)

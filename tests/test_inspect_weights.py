@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import score_on_test
 
 import attacks
 import attacks.inspect_weights  # noqa: F401  (registers "weight-inspection")
@@ -31,7 +32,7 @@ def thief(digits, trainer):
         return stratified_subset(digits.train_x, digits.train_y, fraction, seed)
 
     return ThiefContext(trainer=trainer, thief_data=thief_data, loader=lambda x, y, s: data.BatchLoader(x, y, 32, s),
-                        test_x=digits.test_x, test_y=digits.test_y, num_classes=10,
+                        num_classes=10,
                         lock_sites=("relu1", "relu2", "relu3", "relu4"), seed=0)
 
 
@@ -67,7 +68,7 @@ def test_perturbation_is_found_and_reset(perturbed, clean_lenet, ctx, key, lenet
     (there conv2's own maximum, reset with the pile, costs up to 0.02 by itself).
     """
     model, idx = perturbed
-    clean_acc, hit_acc = thief.evaluate(clean_lenet), thief.evaluate(model)
+    clean_acc, hit_acc = score_on_test(clean_lenet), score_on_test(model)
     assert hit_acc < clean_acc - 0.1  # measured 0.711 vs 0.978 on one CPU, 0.781 and 0.561 vs 0.964/0.975 on others
     none = protectors.get("none")
     loot = Loot(none.protect(model, ctx, key), none, lenet_factory)
@@ -91,8 +92,8 @@ def test_perturbation_is_found_and_reset(perturbed, clean_lenet, ctx, key, lenet
                     ref = reference.get_submodule(name).weight
                     ref[changed] = got[changed]
                     torch.testing.assert_close(got, ref, rtol=0, atol=0)  # planted weights all among the changed
-            repaired = thief.evaluate(out.model)
-            assert repaired == thief.evaluate(reference)
+            repaired = score_on_test(out.model)
+            assert repaired == score_on_test(reference)
             assert repaired - hit_acc >= 0.8 * (clean_acc - hit_acc), (reset, cell, clean_acc, hit_acc, repaired)
 
 

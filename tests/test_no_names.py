@@ -17,7 +17,7 @@ import attacks
 import protectors
 from attacks import Loot, ThiefContext
 from bench import models, plots, profiler, report, tables
-from bench.config import PluginSpec
+from bench.config import PluginSpec, ThiefConfig
 from bench.records import RecordStore, baselines
 from bench.runner import Runner
 from protectors.core.base import NoTraining, latency_context
@@ -178,11 +178,11 @@ def _tiny_thief(card, n=40):
         return x[:20], y[:20]
 
     return ThiefContext(trainer=NoTraining(), thief_data=thief_data, loader=lambda xs, ys, seed: [(xs, ys)],
-                        test_x=x, test_y=y, num_classes=card.num_classes, lock_sites=card.lock_sites, seed=0)
+                        num_classes=card.num_classes, lock_sites=card.lock_sites, seed=0)
 
 
-GUESSING = {"guess-random": ({"guesses": 2, "stats_samples": 16}, "N=2"),
-            "guess-ranked": ({"guesses": 2, "stats_samples": 16}, "N=2"),
+GUESSING = {"guess-random": ({"guesses": 2}, "N=2"),
+            "guess-ranked": ({"guesses": 2}, "N=2"),
             "mask-learning": ({"epochs": 1}, "f=0.05")}
 
 
@@ -202,10 +202,12 @@ def test_a_third_party_neuron_mask_protector_gets_the_guessing_attacks(plugins):
 
     # Through the runner, as a config would run it: applicable, its derived counts and its declaration recorded.
     runner = Runner.__new__(Runner)
-    runner.key = KEY
+    runner.key, runner.cfg = KEY, types.SimpleNamespace(thief=ThiefConfig())
+    test_x, test_y = torch.randn(10, 1, 28, 28), torch.arange(10)
     wb = types.SimpleNamespace(artifact=lambda spec: (protector, artifact), thief_factory=lambda seed: factory,
-                               thief_context=lambda seed: thief, clean_acc=0.5,
-                               scratch_acc=lambda fraction, epochs, seed, lr=None: 0.1)
+                               thief_context=lambda seed, oracle=None: thief, clean_acc=0.5,
+                               scratch_acc=lambda fraction, seed: 0.1, oracle=lambda protector, artifact: None,
+                               splits=types.SimpleNamespace(test_x=test_x, test_y=test_y), trainer=NoTraining())
     spec = PluginSpec(ThirdPartyMask.name, {}, "theirs")
     res = runner.attack(wb, spec, PluginSpec("guess-random", GUESSING["guess-random"][0], "guess-random"), "N=2", 0)
     assert res["applicable"] and {"n_pass50", "n_pass80", "overlap_mean"} <= set(res["extra"])

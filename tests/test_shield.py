@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import score_on_test
 from torch import nn
 
 import attacks
@@ -51,8 +52,8 @@ def thief(digits, trainer):
         return stratified_subset(digits.train_x, digits.train_y, fraction, seed)
 
     return ThiefContext(trainer=trainer, thief_data=thief_data,
-                        loader=lambda x, y, s: data.BatchLoader(x, y, 32, s), test_x=digits.test_x,
-                        test_y=digits.test_y, num_classes=10, lock_sites=("relu1", "relu2", "relu3", "relu4"), seed=0)
+                        loader=lambda x, y, s: data.BatchLoader(x, y, 32, s), num_classes=10,
+                        lock_sites=("relu1", "relu2", "relu3", "relu4"), seed=0)
 
 
 def test_bad_params_are_config_errors(clean_lenet, ctx, key):
@@ -178,7 +179,7 @@ def test_authorize_on_a_finetuned_copy(arts, clean_lenet, key, lenet_factory, th
     assert authorized.shield_unmapped == []
     for name, t in clean_lenet.state_dict().items():  # the TEE's part is the true one, the rest the thief's
         assert torch.equal(state[name], t if name.startswith("fc3.") else tuned[name])
-    print("shield deep fine-tuned: stolen_after", thief.evaluate(out.model), "auth_after", thief.evaluate(authorized))
+    print("shield deep fine-tuned: stolen_after", score_on_test(out.model), "auth_after", score_on_test(authorized))
 
 
 def _sliced(clean: dict, kept: dict, spatial: int) -> dict:
