@@ -109,6 +109,10 @@ class Grants:
         if self.oracle != "none" and self.queries < 1:
             raise ValueError(f"an oracle of {self.oracle} needs 'queries' >= 1")
 
+    @property
+    def has_oracle(self) -> bool:
+        return self.oracle != "none" and self.queries > 0
+
     def key(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -250,7 +254,7 @@ class Attack(Configurable, ABC):
         need = self.needs_oracle(cell)
         if need is not None:
             grants = grants or Grants()
-            if grants.oracle == "none" or grants.queries < 1:
+            if not grants.has_oracle:
                 return f"n/a: {self.name} needs an oracle ({need}); the run grants none ([thief] oracle, queries)"
             if need == "probs" and grants.oracle != "probs":
                 return f"n/a: {self.name} needs probabilities from the oracle; the run grants {grants.oracle}"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench list | run | report | compare`` (also installed as ``edgepro-bench``).
+"""Command line: ``python -m bench list | run | report | compare | readme`` (also installed as ``edgepro-bench``).
 
 Exit status 0 on success, 2 with a one-line error on bad input (config, data, artifact, key) and on a usage error.
 """
@@ -185,6 +185,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme(args: argparse.Namespace) -> int:
+    from . import readme
+
+    return readme.main(args.path, check=args.check)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: ...``, exit 2) like every other bad input."""
 
@@ -229,6 +235,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a short summary only, and exit 0 even on drift (what tox -e bench shows)")
     c.add_argument("--report", action="store_true", help="also add the comparison as a section of RUN/REPORT.md")
     c.set_defaults(func=_compare)
+    rd = sub.add_parser("readme", help="rewrite the README's generated results tables from the run directories' "
+                        "records (between <!-- table: DIR NAME --> and <!-- /table -->)")
+    rd.add_argument("path", nargs="?", default="README.md", help="the README (default README.md)")
+    rd.add_argument("--check", action="store_true",
+                    help="rewrite nothing; exit 1 when a generated table differs from the records")
+    rd.set_defaults(func=_readme)
     return p
 
 

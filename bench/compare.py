@@ -1,10 +1,22 @@
-"""The reproduction check: does a new run reproduce a reference run's tables?
+"""The reproduction check: does a new run reproduce a reference run's tables and verdicts?
 
-``python -m bench compare REF RUN`` builds the effectiveness, attacks and overhead tables of both run directories
-from their records, matches rows by their key columns and compares every accuracy value:
+``python -m bench compare REF RUN`` builds the effectiveness, attacks and overhead tables and the leaderboard of both
+run directories from their records, matches rows by their key columns and compares them:
 
-- an accuracy is *within tolerance* when ``|new - ref| <= max(2 × ref std over seeds, acc_tol)`` (a reference
-  row from a single run has no std, so the floor ``acc_tol`` alone applies);
+- every accuracy column is compared through its *per-training values* (one per record: training seed, or training
+  seed × attack seed), not through the means alone: Welch's two-sample t-test (:func:`bench.stats.welch`, why Welch
+  is said there) gives a p value per value, and Holm's correction (:func:`bench.stats.holm`) adjusts all of them
+  together, so that a run reproducing the reference raises a false alarm somewhere in the hundreds of rows at most
+  ``alpha`` (5%) of the time. A value *drifts* when its adjusted p is below ``alpha`` **and** its mean moved by more
+  than the floor ``acc_tol`` (a difference too small to matter is never drift, however significant);
+- a value with fewer than two trainings on either side has nothing to test with: it drifts when it moved by more
+  than ``max(2 × ref std over seeds, acc_tol)`` (a reference row from a single run has no std, so the floor
+  ``acc_tol`` alone applies);
+- the *verdict* of every protector, its data to break (the leaderboard, :func:`bench.tables.leaderboard`), is
+  compared too: a changed verdict drifts when the share of trainings broken at the fraction where the two verdicts
+  part differs between the runs by Fisher's exact test (in the same Holm family); a verdict that changed within
+  the trainings' noise (a protector on the edge, broken in about half of its trainings) is *flagged*: listed, not
+  failing (``strict_verdicts=True``: every changed verdict drifts);
 - the latency overhead ratio is only *flagged* when it moved by more than ``latency_tol`` relative to the
   reference: latency depends on the machine, so it never fails the check;
 - a reference row the run lacks is *missing* and fails the check (the run did not reproduce it); a row only the
@@ -25,8 +37,8 @@ import pandas as pd
 from protectors.core.atomic import atomic_write_text
 from protectors.core.errors import BenchError
 
-from . import tables
-from .records import RecordStore
+from . import stats, tables
+from .records import RecordStore, row_key
 
 #: per table: how its rows are built, the key columns that match rows, the accuracy columns that must reproduce
 SPECS = {
@@ -40,7 +52,11 @@ SPECS = {
 LATENCY_COLUMNS = {"overhead": ["overhead"]}
 
 HEADING = "## Comparison with the reference"
-COLUMNS = ["table", "key", "column", "ref", "new", "diff", "tol", "status"]
+COLUMNS = ["table", "key", "column", "ref", "new", "diff", "tol", "n_ref", "n_new", "p", "p_adj", "status"]
+#: the verdict rows: the leaderboard's data to break per protector
+VERDICT = ("leaderboard", ["dataset", "model", "protector"], "data_to_break")
+#: the kind of record behind each compared table (its per-training values)
+KINDS = {"effectiveness": "effectiveness", "attacks": "attack"}
 STATUSES = ("ok", "DRIFT", "flag", "missing", "extra")
 #: float noise, so that a difference of exactly the tolerance counts as within it
 _EPS = 1e-9
@@ -63,6 +79,8 @@ class Comparison:
     acc_tol: float
     latency_tol: float
     rows: pd.DataFrame = field(repr=False)
+    alpha: float = 0.05
+    strict_verdicts: bool = False
 
     def counts(self) -> dict[str, int]:
         """How many rows have each status (every status present, zero or not)."""
@@ -70,8 +88,13 @@ class Comparison:
         return {s: int(found.get(s, 0)) for s in STATUSES}
 
     @property
+    def tests(self) -> int:
+        """How many p values the correction adjusted together."""
+        return int(self.rows["p"].notna().sum())
+
+    @property
     def ok(self) -> bool:
-        """No accuracy drifted beyond its tolerance and no reference row is missing from the run."""
+        """No accuracy or verdict drifted and no reference row is missing from the run."""
         c = self.counts()
         return c["DRIFT"] == 0 and c["missing"] == 0
 
@@ -81,15 +104,26 @@ class Comparison:
 
     def header(self) -> str:
         c = self.counts()
-        flags = f"{c['flag']} latency flag" + ("" if c["flag"] == 1 else "s")
+        verdicts = int(((self.rows["table"] == VERDICT[0]) & (self.rows["status"] == "flag")).sum())
+        latency = c["flag"] - verdicts
+        flags = f"{latency} latency flag" + ("" if latency == 1 else "s")
+        if verdicts:
+            flags += f", {verdicts} verdict" + ("" if verdicts == 1 else "s") + " changed within noise"
         s = (f"compare {self.ref_dir} vs {self.run_dir}: {c['ok']} values within tolerance, {c['DRIFT']} drifted, "
              f"{flags}, {c['missing']} missing")
         return s + (f", {c['extra']} extra" if c["extra"] else "")
 
     def tolerance(self) -> str:
-        """One sentence saying what the tolerance is."""
-        return (f"Tolerance: an accuracy may move by max(2 × the reference's std over seeds, {self.acc_tol:g}); "
-                f"a latency overhead ratio moving by more than {self.latency_tol:.0%} of the reference is flagged "
+        """A few sentences saying what drift is."""
+        verdicts = ("A changed verdict (data to break) drifts." if self.strict_verdicts else
+                    "A changed verdict (data to break) drifts when the trainings broken where the two verdicts part "
+                    "differ by Fisher's exact test (same correction), else it is flagged: within the trainings' "
+                    "noise, it fails nothing.")
+        return (f"Drift: an accuracy whose per-training values differ by Welch's t-test, Holm-corrected over all "
+                f"{self.tests} tests (adjusted p < {self.alpha:g}), and whose mean moved by more than "
+                f"{self.acc_tol:g}; with a single training on either side, one that moved by more than "
+                f"max(2 × the reference's std over seeds, {self.acc_tol:g}). {verdicts} "
+                f"A latency overhead ratio moving by more than {self.latency_tol:.0%} of the reference is flagged "
                 "but never fails the check.")
 
     def text(self, max_rows: int | None = None) -> str:
@@ -122,18 +156,32 @@ class Comparison:
 
 
 def _fmt(v) -> str:
-    return "—" if _nan(v) else f"{v:.4f}"
+    if _nan(v):
+        return "—"
+    return "holds" if math.isinf(v) else f"{v:.4f}"
 
 
 def _fmt_diff(v) -> str:
     return "—" if _nan(v) else f"{v:+.4f}"
 
 
+def _fmt_p(v) -> str:
+    return "—" if _nan(v) else f"{v:.2g}"
+
+
+def _fmt_n(v) -> str:
+    return "—" if _nan(v) else f"{int(v)}"
+
+
 def _formatted(df: pd.DataFrame) -> pd.DataFrame:
-    out = df.copy().astype({c: object for c in ("ref", "new", "diff", "tol")})
+    out = df.copy().astype({c: object for c in ("ref", "new", "diff", "tol", "n_ref", "n_new", "p", "p_adj")})
     for c in ("ref", "new", "tol"):
         out[c] = [_fmt(v) for v in df[c]]
     out["diff"] = [_fmt_diff(v) for v in df["diff"]]
+    for c in ("p", "p_adj"):
+        out[c] = [_fmt_p(v) for v in df[c]]
+    for c in ("n_ref", "n_new"):
+        out[c] = [_fmt_n(v) for v in df[c]]
     return out
 
 
@@ -165,18 +213,41 @@ def _std(row: pd.Series, col: str) -> float:
     return 0.0 if _nan(s) else float(s)
 
 
-def _accuracy(table: str, key: str, col: str, ref: pd.Series, new: pd.Series, acc_tol: float) -> dict:
+def samples(records: list[dict], kind: str, columns: list[str]) -> dict[tuple, dict[str, list[float]]]:
+    """Per table row (its key, as strings) and column: the per-training values (one per record: training seed ×
+    attack seed), NaN-free."""
+    out: dict[tuple, dict[str, list[float]]] = {}
+    for r in records:
+        c, res = r["cell"], r["result"]
+        if c.get("kind") != kind:
+            continue
+        row = out.setdefault(tuple(str(k) for k in row_key(c)[1:]), {col: [] for col in columns})
+        for col in columns:
+            v = res.get(col)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                row[col].append(float(v))
+    return out
+
+
+def _accuracy(table: str, key: str, col: str, ref: pd.Series, new: pd.Series, acc_tol: float,
+              ref_values: list[float], new_values: list[float]) -> dict:
+    """One accuracy compared; a row whose p is set gets its status after the correction (:func:`_decide`)."""
     r, n = _num(ref.get(col)), _num(new.get(col))
-    tol = max(2 * _std(ref, col), acc_tol)
+    counts = dict(n_ref=float(len(ref_values)), n_new=float(len(new_values)))
+    p, tol = math.nan, acc_tol
     if math.isnan(r) and math.isnan(n):
         status = "ok"
     elif math.isnan(n):
         status = "missing"   # the reference has the value, the run did not produce it
     elif math.isnan(r):
         status = "extra"
+    elif len(ref_values) >= 2 and len(new_values) >= 2:
+        p, status = stats.welch(ref_values, new_values), "test"
     else:
+        tol = max(2 * _std(ref, col), acc_tol)
         status = "ok" if abs(n - r) <= tol + _EPS else "DRIFT"
-    return dict(table=table, key=key, column=col, ref=r, new=n, diff=n - r, tol=tol, status=status)
+    return dict(table=table, key=key, column=col, ref=r, new=n, diff=n - r, tol=tol, **counts, p=p,
+                p_adj=math.nan, status=status)
 
 
 def _latency(table: str, key: str, col: str, ref: pd.Series, new: pd.Series, latency_tol: float) -> dict:
@@ -188,44 +259,106 @@ def _latency(table: str, key: str, col: str, ref: pd.Series, new: pd.Series, lat
         status = "flag"
     else:
         status = "ok" if abs(n - r) <= tol + _EPS else "flag"
-    return dict(table=table, key=key, column=col, ref=r, new=n, diff=n - r, tol=tol, status=status)
+    return dict(table=table, key=key, column=col, ref=r, new=n, diff=n - r, tol=tol, n_ref=math.nan,
+                n_new=math.nan, p=math.nan, p_adj=math.nan, status=status)
+
+
+def _row(table: str, key: str, status: str) -> dict:
+    return dict(table=table, key=key, column="(row)", ref=np.nan, new=np.nan, diff=np.nan, tol=np.nan, n_ref=np.nan,
+                n_new=np.nan, p=np.nan, p_adj=np.nan, status=status)
+
+
+def _verdicts(ref_records: list[dict], run_records: list[dict]) -> list[dict]:
+    """One row per protector: its data to break in both runs (``inf``: holds up to the grid's largest fraction),
+    with Fisher's exact test of the share of trainings broken at the fraction where the two verdicts part (where
+    they agree, at the verdict itself); a changed verdict's status waits for the correction (:func:`_decide`)."""
+    table, keys, col = VERDICT
+    (ref_lb, _, ref_tr), (new_lb, _, new_tr) = (tables.leaderboard_detail(ref_records),
+                                                tables.leaderboard_detail(run_records))
+    ref, new = _indexed(ref_lb, keys), _indexed(new_lb, keys)
+    out = []
+    for k, r in ref.items():
+        key = "/".join(k)
+        if k not in new:
+            out.append(_row(table, key, "missing"))
+            continue
+        n = new[k]
+        a, b = float(r[col]), float(n[col])
+        rt = ref_tr.get(tuple(r[c] for c in keys), np.array([]))
+        nt = new_tr.get(tuple(n[c] for c in keys), np.array([]))
+        at = min(a, b) if not (math.isinf(a) and math.isinf(b)) else max(_num(r["grid_max"]), _num(n["grid_max"]))
+        p = stats.fisher_exact(int((rt <= at).sum()), len(rt), int((nt <= at).sum()), len(nt)) \
+            if len(rt) and len(nt) and not math.isnan(at) else math.nan
+        same = a == b
+        out.append(dict(table=table, key=key, column=col, ref=a, new=b,
+                        diff=b - a if not (math.isinf(a) or math.isinf(b)) else math.nan, tol=math.nan,
+                        n_ref=float(len(rt)), n_new=float(len(nt)), p=p, p_adj=math.nan,
+                        status="ok" if same else "verdict"))
+    out += [_row(table, "/".join(k), "extra") for k in new if k not in ref]
+    return out
+
+
+def _decide(rows: pd.DataFrame, acc_tol: float, alpha: float, strict_verdicts: bool) -> pd.DataFrame:
+    """Holm over every p value; then the statuses that waited for it: a tested accuracy drifts when its adjusted p is
+    below ``alpha`` and it moved by more than ``acc_tol``; a changed verdict drifts when its adjusted p is below
+    ``alpha`` (or always, ``strict_verdicts``), else it is flagged."""
+    rows = rows.copy()
+    rows["p_adj"] = stats.holm(rows["p"].to_numpy(dtype=float))
+    significant = rows["p_adj"] < alpha
+    test = rows["status"] == "test"
+    moved = rows["diff"].abs() > acc_tol + _EPS
+    rows.loc[test, "status"] = np.where(significant[test] & moved[test], "DRIFT", "ok")
+    verdict = rows["status"] == "verdict"
+    rows.loc[verdict, "status"] = np.where(significant[verdict] | strict_verdicts, "DRIFT", "flag")
+    return rows
 
 
 def compare(ref_dir: str | Path, run_dir: str | Path, acc_tol: float = 0.02,
-            latency_tol: float = 0.10) -> Comparison:
-    """Compare the tables of ``run_dir`` against those of ``ref_dir`` (see the module docstring for the rules).
+            latency_tol: float = 0.10, alpha: float = 0.05, strict_verdicts: bool = False) -> Comparison:
+    """Compare the tables and verdicts of ``run_dir`` against those of ``ref_dir`` (see the module docstring for the
+    rules): ``acc_tol`` the least move of a mean that can drift, ``alpha`` the false-alarm rate over all rows.
 
     Raises :class:`BenchError` naming the directory when either is not a run directory with records.
     """
     if not (acc_tol >= 0 and latency_tol >= 0):
         raise BenchError(f"tolerances must be >= 0, got acc_tol={acc_tol}, latency_tol={latency_tol}")
+    if not 0 < alpha < 1:
+        raise BenchError(f"alpha must be in (0, 1), got {alpha}")
     ref_dir, run_dir = Path(ref_dir), Path(run_dir)
     ref_records, run_records = _load(ref_dir, "reference"), _load(run_dir, "run")
     out = []
     for table, (build, keys, acc_cols) in SPECS.items():
         lat_cols = LATENCY_COLUMNS.get(table, [])
         ref, new = _indexed(build(ref_records), keys), _indexed(build(run_records), keys)
+        if acc_cols:
+            ref_s, new_s = (samples(ref_records, KINDS[table], acc_cols),
+                            samples(run_records, KINDS[table], acc_cols))
         for k, r in ref.items():
             key = "/".join(k)
             if k not in new:
-                out.append(dict(table=table, key=key, column="(row)", ref=np.nan, new=np.nan, diff=np.nan,
-                                tol=np.nan, status="missing"))
+                out.append(_row(table, key, "missing"))
                 continue
             n = new[k]
-            out += [_accuracy(table, key, c, r, n, acc_tol) for c in acc_cols]
+            out += [_accuracy(table, key, c, r, n, acc_tol, ref_s.get(k, {}).get(c, []), new_s.get(k, {}).get(c, []))
+                    for c in acc_cols]
             out += [_latency(table, key, c, r, n, latency_tol) for c in lat_cols]
-        out += [dict(table=table, key="/".join(k), column="(row)", ref=np.nan, new=np.nan, diff=np.nan, tol=np.nan,
-                     status="extra") for k in new if k not in ref]
-    rows = pd.DataFrame(out, columns=COLUMNS).astype({c: float for c in ("ref", "new", "diff", "tol")})
-    return Comparison(ref_dir=ref_dir, run_dir=run_dir, acc_tol=acc_tol, latency_tol=latency_tol, rows=rows)
+        out += [_row(table, "/".join(k), "extra") for k in new if k not in ref]
+        if table == "attacks":
+            out += _verdicts(ref_records, run_records)
+    rows = pd.DataFrame(out, columns=COLUMNS).astype({c: float for c in COLUMNS[3:-1]})
+    rows = _decide(rows, acc_tol, alpha, strict_verdicts)
+    return Comparison(ref_dir=ref_dir, run_dir=run_dir, acc_tol=acc_tol, latency_tol=latency_tol, rows=rows,
+                      alpha=alpha, strict_verdicts=strict_verdicts)
 
 
-def main(ref: str | Path, run: str | Path, acc_tol: float = 0.02, latency_tol: float = 0.10) -> int:
-    """Print every compared row and the summary; return 1 on accuracy drift or missing rows, else 0.
+def main(ref: str | Path, run: str | Path, acc_tol: float = 0.02, latency_tol: float = 0.10, alpha: float = 0.05,
+         strict_verdicts: bool = False) -> int:
+    """Print every compared row and the summary; return 1 on drift (an accuracy or a verdict) or missing rows, else
+    0.
 
     Bad input raises :class:`BenchError` (the CLI prints it on one line and exits with 2).
     """
-    result = compare(ref, run, acc_tol=acc_tol, latency_tol=latency_tol)
+    result = compare(ref, run, acc_tol=acc_tol, latency_tol=latency_tol, alpha=alpha, strict_verdicts=strict_verdicts)
     print(result.table())
     print()
     print(result.text())
@@ -236,12 +369,13 @@ _SECTION = re.compile(rf"^{re.escape(HEADING)}[ \t]*\n.*?(?=^## |\Z)", re.M | re
 
 
 def append_to_report(run_dir: str | Path, ref_dir: str | Path, acc_tol: float = 0.02,
-                     latency_tol: float = 0.10) -> Comparison:
+                     latency_tol: float = 0.10, alpha: float = 0.05, strict_verdicts: bool = False) -> Comparison:
     """Add the comparison section to ``run_dir``/REPORT.md, replacing an earlier one; return the comparison.
 
     The file is written atomically; a missing REPORT.md is created holding only this section.
     """
-    result = compare(ref_dir, run_dir, acc_tol=acc_tol, latency_tol=latency_tol)
+    result = compare(ref_dir, run_dir, acc_tol=acc_tol, latency_tol=latency_tol, alpha=alpha,
+                     strict_verdicts=strict_verdicts)
     path = Path(run_dir) / "REPORT.md"
     old = path.read_text() if path.exists() else ""
     section = result.markdown()

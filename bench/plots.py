@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -215,4 +216,41 @@ def security_vs_cost(eff: pd.DataFrame, att: pd.DataFrame, stem: Path) -> list[P
            ylabel="worst-case stolen accuracy after attacks", ylim=(0, 1.05),
            title="Security vs cost (lower-left is better)")
     ax.grid(alpha=0.3)
+    return _save(fig, stem)
+
+
+def leaderboard(strong: pd.DataFrame, stem: Path, baseline: set[str] = frozenset()) -> list[Path]:
+    """One panel per (dataset, model): the strongest attack's stolen accuracy minus the thief's scratch (both on the
+    test set, the attack chosen per fraction on the thief's validation) against the thief's labeled fraction, a line
+    per protector; a filled marker where the protector is broken at that fraction (90% of its authorized accuracy and
+    0.05 over scratch), a hollow one where it holds. The dotted line is the 0.05 margin over scratch."""
+    df = strong.dropna(subset=["gain"]) if len(strong) else strong
+    if df.empty:
+        return []
+    groups = _groups(df)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
+    for ax, ((ds, model), g) in zip(axes[0], groups):
+        for prot, h in g.groupby("protector", sort=False):
+            h = h.sort_values("fraction")
+            line = ax.plot(h["fraction"], h["gain"], "-" if prot not in baseline else ":",
+                           label=prot + (" (baseline)" if prot in baseline else ""))[0]
+            broken = h["broken"].astype(bool)
+            ax.scatter(h["fraction"][broken], h["gain"][broken], color=line.get_color(), s=28, zorder=3)
+            ax.scatter(h["fraction"][~broken], h["gain"][~broken], facecolors="none", edgecolors=line.get_color(),
+                       s=28, zorder=3)
+        ax.axhline(tables.BREAK_GAIN, color="k", lw=0.8, ls=":", label=f"+{tables.BREAK_GAIN:g} over scratch")
+        ax.axhline(0, color="k", lw=0.5)
+        positive = sorted(f for f in g["fraction"].unique() if f > 0)
+        if positive:
+            ax.set_xscale("symlog", linthresh=positive[0])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(sorted(g["fraction"].unique()), [f"{f:g}" for f in sorted(g["fraction"].unique())],
+                      fontsize=7)
+        ax.set(xlabel="thief's labeled fraction of the training set (0: no data)",
+               ylabel="strongest attack − scratch (test accuracy)",
+               title=f"{ds} / {model}: strongest attack over scratch (filled: broken)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
     return _save(fig, stem)

@@ -236,7 +236,10 @@ RESULT_TYPES = {
                       "declaration": OBJECT},
     "attack": {"applicable": FLAG, "stolen_acc_after": ACCURACY, "auth_acc_after": ACCURACY_OR_NULL,
                "scratch_acc": ACCURACY, "gain": DIFFERENCE_OR_NULL, "budget": NUMBERS, "extra": OBJECT,
-               "seconds": NONNEGATIVE, "note": TEXT, "declaration": OBJECT_OR_NULL},
+               "seconds": NONNEGATIVE, "note": TEXT, "declaration": OBJECT_OR_NULL,
+               # optional (newer records): the thief's validation accuracy of what it returns (null: no thief data to
+               # validate on), its labeled fraction of the training set, the oracle queries it used
+               "val_acc": ACCURACY_OR_NULL, "fraction": ACCURACY_OR_NULL, "queries": COUNT_OR_NULL},
     "profile": {"p50_ms": NONNEGATIVE_OR_NULL, "p90_ms": NONNEGATIVE_OR_NULL, "p99_ms": NONNEGATIVE_OR_NULL,
                 "mean_ms": NONNEGATIVE_OR_NULL, "cold_start_ms": NONNEGATIVE_OR_NULL,
                 "overhead": NONNEGATIVE_OR_NULL, "overhead_ci_low": NONNEGATIVE_OR_NULL,

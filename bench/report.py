@@ -16,7 +16,8 @@ from . import plots, tables
 from .records import RecordStore, baselines
 
 #: the titles of the harness's own plots (an attack's plots carry the title the attack declares)
-PLOT_TITLES = {"security_vs_cost": "Security vs cost", "overhead": "Latency overhead"}
+PLOT_TITLES = {"security_vs_cost": "Security vs cost", "overhead": "Latency overhead",
+               "leaderboard": "Data to break: strongest attack over scratch, by thief fraction"}
 DIRTY = "-dirty"
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def summary(eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame, baseline: se
                 s += (f"; the strongest attack (the defender's worst case over the attacks, scored on the test set: "
                       f"{w['worst_attack']}) reaches {w['worst_stolen_acc']:.3f}, "
                       f"{_pct(share)} of clean accuracy, {w['worst_gain']:+.3f} over training from scratch")
-                if e["protector"] not in baseline and share >= 0.9 and w["worst_gain"] > 0.1:
+                if (e["protector"] not in baseline and share >= tables.BREAK_SHARE
+                        and w["worst_gain"] >= tables.BREAK_GAIN):
                     s += " — **this attack breaks the protection at this budget**"
             lines.append(s + ".")
     if len(ov):
@@ -80,11 +82,50 @@ def provenance_line(records: list[dict]) -> str:
     return line + (f"; {unknown} name no commit." if unknown else ".")
 
 
+def leaderboard_lines(lb: pd.DataFrame) -> list[str]:
+    """One sentence per protector setting: its data to break and how many trainings fall there."""
+    lines = []
+    for _, r in lb.iterrows():
+        shown = tables.display(lb.loc[[r.name]], ["data_to_break", "broken"]).iloc[0]
+        if np.isinf(r["data_to_break"]):
+            s = (f"**{r['protector']}** on {r['dataset']}/{r['model']}: {shown['data_to_break']}"
+                 + (f" (strongest there: {r['strongest_attack']}, {r['stolen_acc']:.3f} vs scratch "
+                    f"{r['scratch_acc']:.3f}; trainings whose own strongest attack broke them at f ≤ "
+                    f"{r['grid_max']:g}: {shown['broken']})"
+                    if r["strongest_attack"] != tables.NO_ATTACK else ""))
+        else:
+            s = (f"**{r['protector']}** on {r['dataset']}/{r['model']}: data to break f = "
+                 f"{shown['data_to_break']} ({r['strongest_attack']}, chosen on {r['selected_on']}: "
+                 f"{r['stolen_acc']:.3f} of authorized {r['auth_acc']:.3f}, {r['gain']:+.3f} over scratch; "
+                 f"broken at this fraction or below in {shown['broken']} trainings)")
+        lines.append(s + ".")
+    return lines
+
+
+def frames(records: list[dict]) -> dict[str, tuple[pd.DataFrame, list[str], set[str]]]:
+    """Every table of the report, in the report's order: ``name -> (rows, shown columns, whole-number columns)``.
+    What ``bench report`` writes under ``tables/`` and what ``bench readme`` puts in the README."""
+    return _frames(records)[0]
+
+
+def _frames(records: list[dict]) -> tuple[dict[str, tuple[pd.DataFrame, list[str], set[str]]], pd.DataFrame]:
+    eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
+    lb, strong, _ = tables.leaderboard_detail(records)
+    out = {"comparison": (tables.comparison(records, eff, att, ov), tables.COMPARISON, set()),
+           "leaderboard": (lb, tables.LEADERBOARD_SHOWN, set()),
+           "effectiveness": (eff, tables.EFFECTIVENESS, set()), "attacks": (att, tables.ATTACKS_SHOWN, set()),
+           **tables.declared_tables(records, att),
+           "overhead": (ov, tables.OVERHEAD_SHOWN, set())}
+    return out, strong
+
+
 def _plots(records: list[dict], eff: pd.DataFrame, att: pd.DataFrame, ov: pd.DataFrame, out: Path,
-           baseline: set[str]) -> dict[str, tuple[str, list[Path]]]:
+           baseline: set[str], strong: pd.DataFrame | None = None) -> dict[str, tuple[str, list[Path]]]:
     """Every plot that has data, drawn from the tables the report already built (not rebuilt per plot): the figures
     the attacks declare, then the harness's own. ``name -> (title, files)``."""
     made = plots.attack_figures(records, att, out, baseline)
+    if strong is not None:
+        made["leaderboard"] = (PLOT_TITLES["leaderboard"], plots.leaderboard(strong, out / "leaderboard", baseline))
     made["overhead"] = (PLOT_TITLES["overhead"], plots.overhead(ov, out / "overhead", baseline))
     made["security_vs_cost"] = (PLOT_TITLES["security_vs_cost"], plots.security_vs_cost(eff, att,
                                                                                          out / "security_vs_cost"))
@@ -102,12 +143,9 @@ def write(run_dir: str | Path) -> Path:
     if not records:
         raise BenchError(f"{store.dir}: no records in it (run 'python -m bench run --out {run_dir}' first)")
     baseline = baselines(records)
-    eff, att, ov = tables.effectiveness(records), tables.attacks(records), tables.overhead(records)
-    frames = {"comparison": (tables.comparison(records, eff, att, ov), tables.COMPARISON, set()),
-              "effectiveness": (eff, tables.EFFECTIVENESS, set()), "attacks": (att, tables.ATTACKS, set()),
-              **tables.declared_tables(records, att),
-              "overhead": (ov, tables.OVERHEAD_SHOWN, set())}
-    made = _plots(records, eff, att, ov, run_dir / "plots", baseline)
+    built, strong = _frames(records)
+    eff, att, ov, lb = (built[k][0] for k in ("effectiveness", "attacks", "overhead", "leaderboard"))
+    made = _plots(records, eff, att, ov, run_dir / "plots", baseline, strong)
     parts = [f"# Report: {run_dir.name}\n",
              f"Built by `python -m bench report {run_dir}` from {len(records)} records in `records/` "
              "(accuracies are fractions; `mean ± std` over seeds where there are several).\n",
@@ -115,15 +153,22 @@ def write(run_dir: str | Path) -> Path:
     found = summary(eff, att, ov, baseline)
     if found:
         parts.append("## Summary\n\n" + "\n".join(f"- {s}" for s in found) + "\n")
+    if len(lb):
+        parts.append("## Data to break\n\n"
+                     f"Per protector: the smallest thief fraction of the run's grid at which the strongest attack, "
+                     f"chosen on the thief's own validation, reaches {tables.BREAK_SHARE:.0%} of the authorized "
+                     f"accuracy and beats scratch by {tables.BREAK_GAIN:g} on the test set; k/n: the trainings "
+                     "(training seed × attack seed) broken at that fraction or below, with the Wilson 95% interval "
+                     "(table: `leaderboard`).\n\n" + "\n".join(f"- {s}" for s in leaderboard_lines(lb)) + "\n")
     for name, (title, files) in made.items():
         png = next(p for p in files if p.suffix == ".png")
         parts.append(f"## {title}\n\n![{name}](plots/{png.name})\n")
-    for name, (df, cols, whole) in frames.items():
+    for name, (df, cols, whole) in built.items():
         if len(df) == 0:
             continue
         tables.write(df, cols, run_dir / "tables" / name, whole)
         parts.append(f"## Table: {name}\n\n{tables.display(df, cols, whole).to_markdown(index=False)}\n")
     path = run_dir / "REPORT.md"
     atomic_write_text(path, "\n".join(parts))
-    log.debug("%s: %d records, %d plots, %d tables", path, len(records), len(made), len(frames))
+    log.debug("%s: %d records, %d plots, %d tables", path, len(records), len(made), len(built))
     return path

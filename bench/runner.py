@@ -198,7 +198,7 @@ class Workbench:
     def oracle(self, protector: Protector, artifact: Artifact) -> Oracle | None:
         """A counted oracle on the authorized deployment (the device the thief owns), when the run grants one."""
         grants = self.runner.cfg.thief.grants
-        if grants.oracle == "none":
+        if not grants.has_oracle:
             return None
         device = protector.deploy(artifact, self.runner.key, self.factory())
         return Oracle(lambda x: device(x), grants.queries, grants.oracle)

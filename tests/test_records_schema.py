@@ -106,10 +106,10 @@ def test_curve_an_attack_declares_holds_accuracies(tmp_path, capsys):
     decl = attacks.get("guess-random", guesses=2).declaration("N=2")
     cell = {**ATTACK_CELL, "attack_label": "guess-random", "param": "N=2",
             "attack": {"name": "guess-random", "params": {"guesses": 2}}}
-    write(tmp_path, rec(cell=cell, result={**GOOD_ATTACK, "extra": {"test_accs": [0.5, 7.0]}, "declaration": decl},
+    write(tmp_path, rec(cell=cell, result={**GOOD_ATTACK, "extra": {"guess_accs": [0.5, 7.0]}, "declaration": decl},
                         schema=2))
     assert main(["report", str(tmp_path)]) == 2
-    assert_one_line(capsys.readouterr().err, "result.extra.test_accs must be a list of finite numbers in [0, 1]")
+    assert_one_line(capsys.readouterr().err, "result.extra.guess_accs must be a list of finite numbers in [0, 1]")
 
 
 def test_empty_records_directory_is_one_line_for_report_and_compare(tmp_path, capsys):
