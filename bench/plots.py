@@ -236,7 +236,7 @@ def leaderboard(strong: pd.DataFrame, stem: Path, baseline: set[str] = frozenset
                            label=prot + (" (baseline)" if prot in baseline else ""))[0]
             broken = h["broken"].astype(bool)
             ax.scatter(h["fraction"][broken], h["gain"][broken], color=line.get_color(), s=28, zorder=3)
-            ax.scatter(h["fraction"][~broken], h["gain"][~broken], facecolors="none", edgecolors=line.get_color(),
+            ax.scatter(h["fraction"][~broken], h["gain"][~broken], facecolors=(0, 0, 0, 0), edgecolors=line.get_color(),
                        s=28, zorder=3)
         ax.axhline(tables.BREAK_GAIN, color="k", lw=0.8, ls=":", label=f"+{tables.BREAK_GAIN:g} over scratch")
         ax.axhline(0, color="k", lw=0.5)

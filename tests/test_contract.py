@@ -28,7 +28,8 @@ from torch import nn
 
 import attacks
 import protectors
-from attacks import Loot, Outcome, ThiefContext
+from attacks import Grants, Loot, Oracle, Outcome, ThiefContext
+from attacks.recipe import ThiefRecipe
 from bench import config, models
 from bench.runner import Runner
 from protectors.core.artifact import Artifact
@@ -205,13 +206,21 @@ def outputs(model, x=X):
         return model(x.clone())
 
 
-def thief_context():
-    """The thief on synthetic data, with a trainer that trains nothing: the attack's own code is what runs."""
+#: what the fast contract's thief is granted: a small oracle (probabilities) and an unlabeled pool
+GRANTS = Grants(oracle="probs", queries=40, unlabeled=0.2)
+
+
+def thief_context(device=None):
+    """The thief on synthetic data, with a trainer that trains nothing: the attack's own code is what runs. With
+    ``device`` (the authorized model), the run grants a counted oracle on it."""
     gen = torch.Generator().manual_seed(1)
     tx, ty = torch.randn(60, 1, 8, 8, generator=gen), torch.arange(60) % 10
+    oracle = Oracle(device, GRANTS.queries, GRANTS.oracle) if device is not None else None
     return ThiefContext(trainer=NoTraining(), thief_data=lambda f, seed: stratified_subset(tx, ty, f, seed),
                         loader=lambda x, y, seed: [(x, y)], num_classes=10,
-                        lock_sites=latency_context(FACTORY, X[:1], 10, secret_seed=7).lock_sites, seed=0)
+                        lock_sites=latency_context(FACTORY, X[:1], 10, secret_seed=7).lock_sites, seed=0,
+                        recipe=ThiefRecipe(max_epochs=1, lrs=(1e-3,)), grants=GRANTS, oracle=oracle,
+                        unlabeled_pool=lambda seed: tx[:12])
 
 
 @pytest.mark.parametrize("name", [protector_case(n) for n in PROTECTOR_CASES])
@@ -282,14 +291,17 @@ def test_fast_attack_contract(attack_name):
     attack = attacks.get(attack_name, **fast_params(attacks.attacks, attack_name, FAST_ATTACK))
     cells = attack.cells()
     assert cells and len(set(cells)) == len(cells) and all(isinstance(c, str) and c for c in cells)
-    ctx, ran = thief_context(), []
+    ran = []
     for name in NAMES:
         p, art = latency_artifact(name)
-        why = attack.not_applicable(p, art)
+        why = attack.not_applicable(p, art, GRANTS)
         assert why is None or (isinstance(why, str) and why.startswith("n/a: ")), (name, why)
         if why is not None:
             continue
         for cell in cells:
+            if attack.not_applicable(p, art, GRANTS, cell) is not None:
+                continue
+            ctx = thief_context(p.deploy(art, KEY, FACTORY))
             torch.manual_seed(0)
             out = attack.run(Loot(art, p, FACTORY), ctx, cell)
             where = f"{attack_name} {cell} on {name}"
@@ -310,5 +322,6 @@ def test_fast_attack_contract(attack_name):
             if out.guess is not None:
                 assert isinstance(p.compare_secret(art, KEY, out.guess), dict), where
             json.dumps(out.extra)  # goes into a JSON record as it is
+            assert ctx.oracle.used <= GRANTS.queries, where
         ran.append(name)
     assert ran or attack.secret_kinds, f"{attack_name} applies to no registered protector"
