@@ -29,7 +29,6 @@ cross-entropy against each sample's target distribution.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,9 +40,7 @@ from protectors.core.seeding import stream_seed, torch_generator
 
 from .base import Attack, Loot, Oracle, Outcome, PlotSpec, ThiefContext
 from .finetune import check_fractions
-
-# the recipe's own batching and optimizer, so that distillation trains exactly as every other thief training
-from .recipe import Fit, ThiefRecipe, _batches, _optimizer, evaluate, split
+from .recipe import Fit, ThiefRecipe, fit_split, split
 from .registry_instance import attacks
 
 INITS = ("fresh", "stolen")
@@ -107,42 +104,11 @@ def ask(oracle: Oracle, x: torch.Tensor) -> torch.Tensor:
 
 def distill_fit(init: Callable[[], nn.Module], train_x: torch.Tensor, train_t: torch.Tensor, vx: torch.Tensor,
                 vy: torch.Tensor, recipe: ThiefRecipe, seed: int) -> Fit:
-    """:func:`attacks.recipe.fit` on training inputs ``train_x`` with a target distribution each (``train_t``) and a
-    labeled validation split ``(vx, vy)``: the same optimizer, learning-rate grid, early stopping and selection
-    (true-label accuracy on validation), with soft cross-entropy."""
-    best: Fit | None = None
-    epochs_run = 0
-    for lr in recipe.lrs:
-        model = init()
-        opt = _optimizer(model, recipe, lr)
-        gen = torch_generator(stream_seed(seed, f"thief/distill-shuffle/{lr!r}"))
-        acc, loss = evaluate(model, vx, vy)
-        run_best = (acc, -loss, 0, copy.deepcopy(model.state_dict()))
-        since = 0
-        for epoch in range(1, recipe.max_epochs + 1):
-            model.train()
-            for xb, tb in _batches(train_x, train_t, recipe.batch_size, gen):
-                batch_loss = soft_cross_entropy(model(xb), tb)
-                if not torch.isfinite(batch_loss):
-                    break
-                opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                opt.step()
-            epochs_run += 1
-            acc, loss = evaluate(model, vx, vy)
-            if (acc, -loss) > run_best[:2] and math.isfinite(loss):
-                run_best, since = (acc, -loss, epoch, copy.deepcopy(model.state_dict())), 0
-            else:
-                since += 1
-            if since >= recipe.patience or not math.isfinite(loss):
-                break
-        model.load_state_dict(run_best[3])
-        candidate = Fit(model.eval(), run_best[0], -run_best[1], lr, run_best[2], 0, len(vy))
-        if best is None or (candidate.val_acc, -candidate.val_loss) > (best.val_acc, -best.val_loss):
-            best = candidate
-    assert best is not None
-    best.epochs_run = epochs_run
-    return best
+    """The recipe (:func:`attacks.recipe.fit_split`) on training inputs ``train_x`` with a target distribution each
+    (``train_t``, soft cross-entropy) and a labeled validation split ``(vx, vy)`` (selection on true-label
+    accuracy)."""
+    return fit_split(init, train_x, train_t, vx, vy, recipe, seed,
+                     loss_fn=lambda m, xb, tb: soft_cross_entropy(m(xb), tb), stream="thief/distill-shuffle")
 
 
 @attacks.register()

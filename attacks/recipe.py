@@ -147,17 +147,28 @@ def fit(init: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, recipe:
     """Train ``init()`` on the thief's data with the recipe; select on the thief's validation split.
 
     ``init`` builds the starting model (a fresh architecture for scratch, a copy of the stolen model for
-    fine-tuning) and is called once per learning rate. ``loss_fn(model, x, y)`` replaces cross-entropy (e.g.
-    distillation); ``augment(x, generator)`` is applied to each training batch.
+    fine-tuning) and is called once per learning rate. ``loss_fn(model, x, y)`` replaces cross-entropy;
+    ``augment(x, generator)`` is applied to each training batch.
     """
     tx, ty, vx, vy = split(x, y, recipe.val_fraction, seed)
+    return fit_split(init, tx, ty, vx, vy, recipe, seed, augment=augment, loss_fn=loss_fn)
+
+
+def fit_split(init: Callable[[], nn.Module], tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+              recipe: ThiefRecipe, seed: int,
+              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+              loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+              stream: str = "thief/shuffle") -> Fit:
+    """The recipe on a split made by the caller: train on ``(tx, ty)`` (``ty``: whatever ``loss_fn`` takes, e.g. a
+    target distribution per sample for distillation), early-stop and select on true-label accuracy on ``(vx, vy)``.
+    ``stream`` names the shuffling's random stream (one per learning rate)."""
     loss_fn = loss_fn or (lambda m, xb, yb: F.cross_entropy(m(xb), yb))
     best: Fit | None = None
     epochs_run = 0
     for lr in recipe.lrs:
         model = init()
         opt = _optimizer(model, recipe, lr)
-        gen = torch_generator(stream_seed(seed, f"thief/shuffle/{lr!r}"))
+        gen = torch_generator(stream_seed(seed, f"{stream}/{lr!r}"))
         acc, loss = evaluate(model, vx, vy)
         run_best = (acc, -loss, 0, copy.deepcopy(model.state_dict()))
         since = 0
