@@ -154,8 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     with run_dir_lock(out):
         summary = runner.run(executor)
     if summary.get("superseded"):
-        print(f"{out / 'records'}: {summary['superseded']} records made by an older version of a plugin's code were "
-              f"recomputed; the old ones are in records/superseded/")
+        print(f"{out / 'records'}: {summary['superseded']} records of settings this config no longer has (older plugin "
+              f"or harness code, other parameters) were recomputed; the old ones are in records/superseded/")
     print(f"{cfg.name}: {summary['ran']} of {summary['cells']} cells ran (the rest were already recorded); "
           f"report in {out / 'REPORT.md'}")
     return 0

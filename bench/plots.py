@@ -45,7 +45,7 @@ def _with_spec(att: pd.DataFrame, specs: dict[tuple[str, str], dict]) -> pd.Data
         return att
     keys = list(zip(att["attack"], att["param"]))
     keep = [k in specs for k in keys]
-    df = att[keep].dropna(subset=["stolen_acc_after"])
+    df = att[keep].dropna(subset=["stolen_acc_after"]).copy()  # one block: assign on a fragmented frame warns
     if df.empty:
         return df
     picked = [specs[(a, p)] for a, p in zip(df["attack"], df["param"])]
@@ -95,10 +95,12 @@ def _budget(att: pd.DataFrame, specs: dict, stem: Path, baseline: set[str]) -> l
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, ((ds, model), g) in zip(axes[0], groups):
         several = g["attack"].nunique() > 1
-        for (prot, attack), h in g.groupby(["protector", "attack"], sort=False):
+        for (prot, attack, series), h in g.groupby(["protector", "attack", "series"], sort=False):
             h = h.sort_values("x")
+            what = ", ".join(w for w in (attack if several else "", series) if w)
             ax.errorbar(h["x"], h["stolen_acc_after"], yerr=h.get("stolen_acc_after_std"), marker="o",
-                        capsize=3, label=f"{prot}{f' ({attack})' if several else ''}: attacked stolen copy")
+                        capsize=3, linestyle="--" if series else "-",
+                        label=f"{prot}{f' ({what})' if what else ''}: attacked stolen copy")
         for attack, h in g.groupby("attack", sort=False):
             s = h.groupby("x")["scratch_acc"].mean()
             ax.plot(s.index, s.values, "k--", marker="s",

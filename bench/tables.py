@@ -526,7 +526,7 @@ def _fmt(v: Any, std: Any = None, digits: int = 3, column: str = "", whole: set[
 def display(df: pd.DataFrame, columns: list[str], whole: set[str] = frozenset()) -> pd.DataFrame:
     """The table as shown in Markdown/LaTeX: listed columns, ``mean ± std`` strings, notes kept; ``whole``: more
     columns shown as whole numbers (counts an attack declares)."""
-    out = pd.DataFrame(index=df.index)
+    out: dict[str, list[str]] = {}  # built whole, then one frame (column-by-column inserts fragment pandas frames)
     for c in columns + [c for c in ("note",) if c in df and df[c].astype(str).str.len().gt(0).any()
                         and c not in columns]:
         if c in FORMATTED and all(n in df for n in FORMATTED[c][0]):
@@ -540,7 +540,7 @@ def display(df: pd.DataFrame, columns: list[str], whole: set[str] = frozenset())
                       for v, s, n in zip(df[c], df[std], df["n"])]
         else:
             out[c] = [_fmt(v, column=c, whole=whole) for v in df[c]]
-    return out
+    return pd.DataFrame(out, index=df.index)
 
 
 def write(df: pd.DataFrame, columns: list[str], stem: Path, whole: set[str] = frozenset()) -> list[Path]:
