@@ -68,9 +68,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core.artifact import Artifact
 from .core.base import ModelFactory, PluginContext
-from .core.errors import ArtifactError, ConfigError
+from .core.errors import ArtifactError, ConfigError, NotApplicable
 from .core.kinds.weight_patch import WeightPatch
-from .core.onnx_runtime import NotSupported
 from .core.plaintext import PlaintextWeightsProtector
 from .core.registry_instance import protectors
 
@@ -312,12 +311,12 @@ class ShieldProtector(PlaintextWeightsProtector):
 
     def _onnx_build(self, artifact, key, model_factory, mode, example):
         if self.check_mode(mode) == "tee":
-            raise NotSupported(self._no_onnx)
+            raise NotApplicable(self._no_onnx)
         return super()._onnx_build(artifact, key, model_factory, mode, example)
 
     def _onnx_load(self, artifact, key, mode, threads=1):
         if self.check_mode(mode) == "tee":
-            raise NotSupported(self._no_onnx)
+            raise NotApplicable(self._no_onnx)
         return super()._onnx_load(artifact, key, mode, threads)
 
     _no_onnx = ("n/a: shield tee models the TEE's cost by timing each shielded module and busy-waiting in Python; "
