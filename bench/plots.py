@@ -42,12 +42,12 @@ def _groups(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
 def _with_spec(att: pd.DataFrame, specs: dict[tuple[str, str], dict]) -> pd.DataFrame:
     """The applicable attack rows with a plot spec, with their ``x`` and ``series`` from it."""
     if att.empty:
-        return att
+        return att.assign(x=np.nan, series="")
     keys = list(zip(att["attack"], att["param"]))
     keep = [k in specs for k in keys]
     df = att[keep].dropna(subset=["stolen_acc_after"]).copy()  # one block: assign on a fragmented frame warns
-    if df.empty:
-        return df
+    if df.empty:  # every row of these attacks was n/a: nothing to draw, but the columns callers select exist
+        return df.assign(x=np.nan, series="")
     picked = [specs[(a, p)] for a, p in zip(df["attack"], df["param"])]
     return df.assign(x=[s.get("x") for s in picked], series=[s.get("series") or "" for s in picked])
 
