@@ -165,8 +165,13 @@ def fit_split(init: Callable[[], nn.Module], tx: torch.Tensor, ty: torch.Tensor,
     loss_fn = loss_fn or (lambda m, xb, yb: F.cross_entropy(m(xb), yb))
     best: Fit | None = None
     epochs_run = 0
+    built: list[nn.Module] = []
     for lr in recipe.lrs:
         model = init()
+        if any(model is m for m in built):
+            raise ValueError("recipe: init() must build a fresh model on every call (each learning rate starts from "
+                             "the same initialization), not return one it returned before")
+        built.append(model)
         opt = _optimizer(model, recipe, lr)
         gen = torch_generator(stream_seed(seed, f"{stream}/{lr!r}"))
         acc, loss = evaluate(model, vx, vy)

@@ -6,6 +6,7 @@ artifacts are cached by config hash (:mod:`bench.cache`), so cells that share th
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import asdict
@@ -175,7 +176,7 @@ class Workbench:
         def train(m):
             seed_everything(seed)
             x, y = self.thief_data(fraction, seed)
-            return thief_fit(lambda: m, x, y, recipe, seed).model
+            return thief_fit(lambda: copy.deepcopy(m), x, y, recipe, seed).model  # every lr from the same init
 
         if fraction == 0:
             model = self.thief_factory(seed)().eval()

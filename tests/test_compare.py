@@ -15,8 +15,11 @@ QUICK = Path(__file__).resolve().parents[1] / "results" / "quick" / "records"
 
 
 def _wanted(rec):
-    """A handful of real cells: three seeds each, with and without std, NaN on both sides, latency ratios."""
+    """A handful of real cells: three seeds each (of the reference's ten), with and without std, NaN on both sides,
+    latency ratios."""
     c = rec["cell"]
+    if c.get("seed", 0) not in (0, 1, 2):
+        return False
     if c["kind"] == "effectiveness":
         return c["label"] in ("none", "aes")
     if c["kind"] == "attack":
@@ -145,9 +148,10 @@ def test_small_change_is_within_tolerance(ref, real_records, tmp_path):
     assert cmp.main(ref, run) == 0
 
 
-@pytest.mark.parametrize("by, status", [(0.05, "ok"), (0.3, "DRIFT")])
+@pytest.mark.parametrize("by, status", [(-0.05, "ok"), (-0.3, "DRIFT")])
 def test_a_noisy_value_needs_a_larger_shift(ref, real_records, tmp_path, by, status):
-    """Scratch on 10% varies between trainings (std 0.036): 0.05 on every training is within its noise, 0.3 is not."""
+    """Scratch on 10% varies between trainings (std 0.018 over the three used here): 0.05 on every training is
+    within its noise once corrected for all the rows, 0.3 is not."""
     run = make_run(tmp_path / "run", real_records,
                    edit=shift("scratch_acc", by, kind="attack", label="none", attack_label="finetune", param="f=0.1"))
     result = cmp.compare(ref, run)

@@ -13,6 +13,8 @@ from bench.cli import main
 from protectors.core.errors import BenchError
 
 QUICK = Path(__file__).resolve().parents[1] / "results" / "quick" / "records"
+#: committed records of the former schema (version 1: no ``schema`` field)
+VERSION_1 = Path(__file__).resolve().parents[1] / "results" / "fashion" / "records"
 
 CELL = {"kind": "effectiveness", "dataset": "digits", "model": "lenet5", "seed": 0, "label": "none",
         "protector": {"name": "none", "params": {}}}
@@ -127,7 +129,7 @@ def test_empty_records_directory_is_one_line_for_report_and_compare(tmp_path, ca
 def test_a_version_1_record_reads_with_what_the_plugins_declare(tmp_path):
     """A committed record (no ``schema``): its protector's secret kind and its attack's declaration come from the
     registered plugins, so the report needs no names."""
-    path = next(p for p in sorted(QUICK.glob("*.json"))
+    path = next(p for p in sorted(VERSION_1.glob("*.json"))
                 if (lambda c: c["kind"] == "attack" and c["attack_label"] == "prune-channel"
                     and c["label"] == "none")(json.loads(p.read_text())["cell"]))
     raw = json.loads(path.read_text())

@@ -186,3 +186,16 @@ def test_rescale_finetune_normalizes_then_trains(factory):
     fresh = {n: v.pow(2).mean().sqrt() for n, v in channel_norms(factory()).items()}
     for name, norms in channel_norms(out.model).items():
         assert 0.3 < norms.pow(2).mean().sqrt() / fresh[name] < 3, name
+
+
+def test_the_recipe_starts_every_learning_rate_from_the_same_init():
+    """An init that hands back one model would chain the learning rates (and return the last one's state whatever
+    was selected): refused."""
+    from attacks.recipe import fit
+
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    model = models.factory("lenet5", 1, 8, 10, seed=0)()
+    recipe = ThiefRecipe(lrs=(1e-3, 3e-4), max_epochs=1)
+    with pytest.raises(ValueError, match="fresh model on every call"):
+        fit(lambda: model, x, y, recipe, seed=0)
+    assert fit(lambda: copy.deepcopy(model), x, y, recipe, seed=0).lr in (1e-3, 3e-4)
