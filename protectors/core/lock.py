@@ -122,6 +122,14 @@ def install(model: nn.Module, sites: Iterable[str]) -> dict[str, LockedSite]:
     return out
 
 
+def install_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Wrap each named site in a :class:`LockedSite` holding its mask (differentiable: a secret applied to a copy
+    that may still be trained or attacked); a site the model does not have is a ``KeyError``."""
+    for name, site in install(model, masks).items():
+        site.set_mask(masks[name])
+    return model
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Unwrap every :class:`LockedSite`, so the state dict has the plain architecture's keys again."""
     for name, mod in list(model.named_modules()):

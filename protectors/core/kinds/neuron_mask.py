@@ -137,12 +137,9 @@ class Password:
 def apply_password(model: nn.Module, password: Password) -> nn.Module:
     """Install the password's masks at its sites (in the graph, in place at inference)."""
     try:
-        sites = lock.install(model, password.neurons)
+        return lock.install_masks(model, password.masks())
     except KeyError as exc:
         raise ArtifactError(f"password names lock site {exc.args[0]!r}, which the model does not have") from None
-    for name, site in sites.items():
-        site.set_mask(password.mask(name))
-    return model
 
 
 @torch.no_grad()

@@ -154,9 +154,6 @@ def draw_key(widths: dict[str, int], k: int, rng: np.random.Generator) -> SignKe
 def apply_key(model: nn.Module, key: SignKey) -> nn.Module:
     """Install the key's sign masks at its sites (:class:`~protectors.core.lock.LockedSite`, differentiable)."""
     try:
-        sites = lock.install(model, key.widths)
+        return lock.install_masks(model, key.masks())
     except KeyError as exc:
         raise ArtifactError(f"key names lock site {exc.args[0]!r}, which the model does not have") from None
-    for name, site in sites.items():
-        site.set_mask(key.mask(name))
-    return model
