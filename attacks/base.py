@@ -20,6 +20,12 @@ An attack receives what the thief holds (:class:`Loot`) and a :class:`ThiefConte
 :class:`Outcome` per parameter cell. It never sees the key: the harness alone uses it, afterwards, to ask whether
 the password still works on the attacked copy (``auth_acc_after``).
 
+Isolation. The harness runs :meth:`Attack.run` in a process of its own (``bench.isolation``) that holds neither the
+key, nor the clean model, nor the test set: the thief's data, pool and oracle answers come on request. So what an
+attack returns must cross a process boundary without pickle: ``Outcome.model`` is the architecture (the model
+factory's, structurally pruned or not) with at most :mod:`protectors.core.lock` masks at its sites, ``guess`` a
+dataclass of :mod:`protectors.core.kinds`, ``extra`` JSON numbers.
+
 An attack also declares how the report shows its rows (the harness reads the declaration, never the attack's name):
 :meth:`Attack.plot` (which figure a row belongs to and where on its horizontal axis), :meth:`Attack.derived` (numbers
 computed from its own ``extra`` once the harness knows the clean accuracy, as lm-eval's metrics declare their

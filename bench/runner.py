@@ -7,6 +7,7 @@ artifacts are cached by config hash (:mod:`bench.cache`), so cells that share th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from protectors.core.model_card import ModelCard
 from protectors.core.sampling import stratified_subset
 from protectors.core.seeding import seed_everything, stream_seed
 
-from . import data, models
+from . import data, isolation, models, wire
 from .cache import Cache
 from .config import Experiment, PluginSpec, RunConfig
 from .records import RecordStore
@@ -196,6 +197,75 @@ class Workbench:
                             num_classes=self.info.num_classes, lock_sites=self.card.lock_sites, seed=seed,
                             recipe=thief.recipe, grants=thief.grants, oracle=oracle, unlabeled_pool=pool)
 
+    def attack_isolated(self, process: isolation.AttackProcess, spec: PluginSpec, protector: Protector,
+                        artifact: Artifact, aspec: PluginSpec, attack, param: str, aseed: int,
+                        oracle: Oracle | None) -> Outcome:
+        """Run ``attack`` in the attack process (:mod:`bench.isolation`): it gets the artifact's files, the
+        architecture, the thief's recipe and grants; its data, pool and oracle answers on request; never the key, the
+        clean model or the test set. Returns its outcome with the attacked model rebuilt here."""
+        thief, info = self.runner.cfg.thief, self.info
+        job = {"op": "attack", "cell": param, "seed": aseed,
+               "protector": {"name": spec.name, "params": spec.params, "module": type(protector).__module__},
+               "attack": {"name": aspec.name, "params": aspec.params, "module": type(attack).__module__},
+               "model": {"name": self.model_name, "in_channels": info.in_channels, "image_size": info.image_size,
+                         "num_classes": info.num_classes, "init_seed": stream_seed(aseed, "thief/init")},
+               "train": dataclasses.asdict(self.train_cfg), "augment": bool(self.splits.augment),
+               "ctx": {"num_classes": info.num_classes, "lock_sites": list(self.card.lock_sites),
+                       "recipe": dataclasses.asdict(thief.recipe), "grants": thief.grants.key(),
+                       "oracle": oracle is not None, "pool": thief.grants.unlabeled > 0},
+               "artifact_meta": artifact.meta}
+        files = {f"file:{name}": data_ for name, data_ in artifact.files.items()}
+        head, got = process.run(job, files, functools.partial(self._serve, oracle=oracle))
+        model = None
+        if head.get("model") is not None:
+            model = isolation.rebuild(self.thief_factory(aseed)(), head["model"], got)
+        try:
+            fraction, epochs = (float(v) for v in head["budget"])
+            extra, val_acc = head["extra"], head["val_acc"]
+            if not isinstance(extra, dict) or not (val_acc is None or isinstance(val_acc, (int, float))):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise isolation.AttackProcessError(
+                f"{attack.name} {param}: the attack process's result is malformed") from None
+        return Outcome(str(head.get("param", param)), model, (fraction, int(epochs)), extra=extra,
+                       pruned=isolation.pruned_from(head.get("pruned"), got),
+                       guess=isolation.guess_from(head.get("guess")), val_acc=val_acc)
+
+    def _serve(self, head: dict[str, Any], blobs: dict[str, bytes], oracle: Oracle | None):
+        """Answer one request of the attack process: the thief's data, its pool, or the oracle."""
+        from attacks.base import QueryBudgetExceeded
+
+        def error(kind: str, message: str):
+            return {"op": "error", "type": kind, "message": message}, {}
+
+        op = head.get("op")
+        try:
+            if op == "thief_data":
+                fraction, seed = float(head["fraction"]), int(head["seed"])
+                if not 0 < fraction <= 1:
+                    return error("ValueError", f"thief data: fraction {fraction} is not in (0, 1]")
+                x, y = self.thief_data(fraction, seed)
+                return {"op": "data"}, {"t": wire.pack({"x": x, "y": y})}
+            if op == "pool":
+                grants = self.runner.cfg.thief.grants
+                if grants.unlabeled <= 0:
+                    return error("RuntimeError", "the run grants no unlabeled pool")
+                return {"op": "data"}, {"t": wire.pack({"x": self.unlabeled_pool(grants.unlabeled,
+                                                                                 int(head["seed"]))})}
+            if op == "oracle":
+                if oracle is None:
+                    return error("RuntimeError", "the run grants no oracle")
+                x = wire.unpack(blobs.get("x", b""), "oracle query").get("x")
+                shape = (self.info.in_channels, self.info.image_size, self.info.image_size)
+                if x is None or not x.is_floating_point() or tuple(x.shape[1:]) != shape or len(x) < 1:
+                    return error("ValueError", f"oracle query: expected float inputs of shape (n, {shape})")
+                return {"op": "answer"}, {"y": wire.pack({"y": oracle(x.float())})}
+        except QueryBudgetExceeded as exc:
+            return error("QueryBudgetExceeded", str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            return error("ValueError", f"malformed {op} request: {exc}")
+        return error("ValueError", f"unknown request {op!r}")
+
     def oracle(self, protector: Protector, artifact: Artifact) -> Oracle | None:
         """A counted oracle on the authorized deployment (the device the thief owns), when the run grants one."""
         grants = self.runner.cfg.thief.grants
@@ -209,7 +279,7 @@ class Runner:
     def __init__(self, cfg: RunConfig, out: str | Path, data_root: str | None = None, download: bool = False,
                  key_file: str | None = None, key_format: str | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, profile: bool = True, create_key: bool = True,
-                 expect_key_id: str | None = None):
+                 expect_key_id: str | None = None, isolate: bool = True):
         #: how to build this runner again in another process (never the key itself: workers load it themselves)
         self.spec = {"cfg": cfg, "out": str(out), "data_root": data_root, "download": download, "key_file": key_file,
                      "key_format": key_format, "cache_dir": str(cache_dir) if cache_dir else None}
@@ -224,6 +294,10 @@ class Runner:
         self.cache = Cache(root, self.key)
         self.store = RecordStore(self.out)
         self._benches: dict[tuple, Workbench] = {}
+        #: attack cells run in a process of their own that holds neither the key, nor the clean model, nor the test
+        #: set (:mod:`bench.isolation`); ``False`` runs them here (tests compare both; a debugger can step in)
+        self.isolate = isolate
+        self.attack_process = isolation.AttackProcess(threads=CELL_THREADS)
         #: workbenches kept in memory (1 serially, where cells come in workbench order; more on a Dask worker,
         #: which gets cells of several trainings interleaved)
         self.bench_slots = 1
@@ -307,6 +381,7 @@ class Runner:
                     torch.set_num_threads(threads)
             else:
                 executor.run(self, todo, on_done=lambda: bar.update(1))
+        self.attack_process.close()
         # Latency only now, with nothing else running on this machine (the executor's workers are gone).
         profiled = profiler.run_config(self) if profiling else 0
         report.write(self.out)
@@ -356,12 +431,16 @@ class Runner:
         why = attack.not_applicable(protector, artifact, self.cfg.thief.grants, param)
         if why:
             return {"applicable": False, "note": why, "declaration": declaration}
-        loot = Loot(artifact=artifact, protector=protector, model_factory=wb.thief_factory(aseed))
         oracle = wb.oracle(protector, artifact)
-        ctx = wb.thief_context(aseed, oracle)
         t0 = time.perf_counter()
-        seed_everything(aseed)
-        o: Outcome = attack.run(loot, ctx, param)
+        if self.isolate:
+            o = wb.attack_isolated(self.attack_process, spec, protector, artifact, aspec, attack, param, aseed,
+                                  oracle)
+        else:  # in this process (tests compare both; a debugger can step into the attack)
+            loot = Loot(artifact=artifact, protector=protector, model_factory=wb.thief_factory(aseed))
+            ctx = wb.thief_context(aseed, oracle)
+            seed_everything(aseed)
+            o = attack.run(loot, ctx, param)
         seconds = time.perf_counter() - t0
         # The harness scores: the test set never reaches the attack.
         s = wb.splits
