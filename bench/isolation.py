@@ -209,20 +209,20 @@ class AttackProcess:
             wire.send(self._to, job, blobs)
             while True:
                 head, got = wire.recv(self._from)
-                op = head.get("op")
-                if op == "result":
-                    return head, got
-                if op == "error":
-                    raise self._error(head)
+                if head.get("op") in ("result", "error"):
+                    break
                 wire.send(self._to, *serve(head, got))
         except (wire.WireClosed, BrokenPipeError):
             code = self._proc.wait()
             self._proc = None
             raise AttackProcessError(f"the attack process died (exit code {code}) while running "
                                      f"{job.get('attack', {}).get('name')} {job.get('cell')}") from None
-        except wire.WireError:
+        except BaseException:  # a malformed message, a harness error, an interrupt: the child may be mid-request
             self.close()
             raise
+        if head["op"] == "error":  # the attack failed; its process is ready for the next cell
+            raise self._error(head)
+        return head, got
 
     @staticmethod
     def _error(head: dict[str, Any]) -> Exception:

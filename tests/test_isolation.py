@@ -171,3 +171,21 @@ def test_wire_refuses_malformed_messages(tmp_path):
         wire.recv(io.BytesIO(wire._LEN.pack(10) + b"{}"))
     with pytest.raises(wire.WireError, match="not safetensors"):
         wire.unpack(b"\x80\x04pickle", "a model")
+
+
+def test_attack_process_reports_errors_and_survives_a_dead_child():
+    proc = isolation.AttackProcess()
+    try:
+        with pytest.raises(isolation.AttackProcessError, match="KeyError"):
+            proc.run({"op": "attack"}, {}, lambda h, b: ({}, {}))  # a job without its fields: the child says why
+        pid = proc.pid
+        with pytest.raises(isolation.AttackProcessError, match="KeyError"):  # the same process, ready again
+            proc.run({"op": "attack"}, {}, lambda h, b: ({}, {}))
+        assert proc.pid == pid
+        os.kill(pid, 9)
+        proc._proc.wait()
+        with pytest.raises(isolation.AttackProcessError, match="KeyError"):  # a fresh process the next time
+            proc.run({"op": "attack"}, {}, lambda h, b: ({}, {}))
+        assert proc.pid != pid
+    finally:
+        proc.close()
