@@ -13,8 +13,8 @@ from bench.cli import main
 from protectors.core.errors import BenchError
 
 QUICK = Path(__file__).resolve().parents[1] / "results" / "quick" / "records"
-#: committed records of the former schema (version 1: no ``schema`` field)
-VERSION_1 = Path(__file__).resolve().parents[1] / "results" / "fashion" / "records"
+#: a record of the former schema (version 1: no ``schema`` field), as the former results/fashion committed it
+VERSION_1 = Path(__file__).resolve().parent / "data" / "records_v1"
 
 CELL = {"kind": "effectiveness", "dataset": "digits", "model": "lenet5", "seed": 0, "label": "none",
         "protector": {"name": "none", "params": {}}}
@@ -213,11 +213,28 @@ def test_retire_superseded_keeps_other_seeds_and_other_rows(tmp_path):
     assert len(store.load_all()) == 2
 
 
-@pytest.mark.parametrize("name", ["quick", "fashion", "sweep", "regime", "overhead"])
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+COMMITTED = sorted(p.name for p in RESULTS.iterdir() if (p / "records").is_dir())
+
+
+def test_the_reference_runs_are_committed():
+    assert {"quick", "sweep", "regime", "overhead"} <= set(COMMITTED)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
 def test_committed_results_hold_one_setting_per_row(name):
     """Every committed run directory loads: its records pass the schema and no row mixes settings."""
-    src = Path(__file__).resolve().parents[1] / "results" / name / "records"
+    src = RESULTS / name / "records"
     paths = sorted(src.glob("*.json"))
     recs = [rs.RecordStore(src.parent).load(p) for p in paths]
     rs.RecordStore(src.parent).check_one_setting_per_row(paths, recs)
     assert len(recs) == len(paths) > 0
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_records_come_from_a_clean_commit(name):
+    """Every committed record names the commit that made it, and that tree was clean."""
+    commits = {json.loads(p.read_text())["provenance"].get("git_commit", "")
+               for p in (RESULTS / name / "records").glob("*.json")}
+    bad = sorted(c or "(none)" for c in commits if len(c) != 40 or not all(ch in "0123456789abcdef" for ch in c))
+    assert not bad, f"results/{name}: records from {bad[:3]}"
