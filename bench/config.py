@@ -88,6 +88,9 @@ class RunConfig:
     attack_seeds: list[int] | None = None
     experiments: list[Experiment] = field(default_factory=list)
     thief: ThiefConfig = field(default_factory=lambda: ThiefConfig())
+    #: ``int8_accuracy = true``: a ``quantized`` cell per protector and training (authorized and stolen accuracy
+    #: after int8 static quantization of the deployed ONNX graph, :func:`bench.quantize.int8_accuracies`)
+    int8_accuracy: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class ThiefConfig:
 
 
 TOP_KEYS = {"name", "description", "datasets", "models", "seeds", "attack_seeds", "train", "train_subset",
-            "protectors", "attacks", "profile", "experiments", "plugins", "thief"}
+            "protectors", "attacks", "profile", "experiments", "plugins", "thief", "int8_accuracy"}
 #: a config's name: one plain path component (no '/', no '..', not hidden), so ``runs/<name>`` stays in ``runs/``
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 EXPERIMENT_KEYS = {"dataset", "model", "train", "train_subset"}
@@ -256,6 +259,9 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
         raise ConfigError(f"{src}: 'profile' must be a table")
     profile = build_params(ProfileConfig, profile_raw, f"{src}: profile")
     thief = _thief(src, raw.get("thief", {}))
+    int8 = raw.get("int8_accuracy", False)
+    if not isinstance(int8, bool):
+        raise ConfigError(f"{src}: int8_accuracy: must be true or false, got {int8!r}")
     from .targets import targets as target_registry
 
     for key, registry in (("targets", target_registry), ("models", models)):
@@ -267,7 +273,7 @@ def parse(raw: dict[str, Any], src: str) -> RunConfig:
         experiments = _experiments(src, raw["experiments"], train_raw, subset, datasets, models)
     return RunConfig(
         name=name, seeds=seeds, attack_seeds=attack_seeds, profile=profile,
-        experiments=experiments, thief=thief,
+        experiments=experiments, thief=thief, int8_accuracy=int8,
         # Every cell is (protector × ...): with none the run would do nothing and leave no records to report.
         protectors=_plugins(src, "protectors", raw.get("protectors", []), protector_registry,
                             empty_hint="list at least one (`python -m bench list` names them)", hints=hints),

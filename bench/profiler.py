@@ -8,17 +8,29 @@ inference path:
   *and* a minimum duration, reported as p50/p90/p99 and mean (MLPerf-style); then more rounds until the 95%
   bootstrap interval of every overhead ratio is within ±1%, or a time cap (``max_seconds``), and the record says
   which;
-- **throughput** at a larger batch, **peak memory** (growth of the peak resident set during the cold start),
-  artifact and secret bytes.
+- **throughput** at a larger batch; **memory**: growth of the peak resident set during the cold start
+  (``peak_mem_mb``), what the deployment keeps resident after it (``resident_mb``) and the peak growth over ten
+  inferences at batch 1 (``infer_peak_mb``), each after freed heap pages went back to the OS; artifact and secret
+  bytes;
+- the **design floor** of a deployment whose secret lives in its graph (a runner with a ``floor()``, e.g. EdgePro's
+  mask on ONNX Runtime): the same graph with the secret baked in as constants, timed interleaved beside it;
+  ``vs_floor`` is the median per-round ratio deployment/floor with its bootstrap interval, ``floor_overhead`` the
+  floor's own ratio to ``none``.
+
+A target may *prepare* a deployment before its cold start (untimed: e.g. int8 quantization on synthetic
+calibration inputs, as a model owner would at provisioning).
 
 Every variant of a (model, target) pair, ``none`` included, runs in one child process, *interleaved* query by
-query (none, aes, edgepro, none, …, starting point rotating), so machine drift hits all of them alike.
+query, so machine drift hits all of them alike. Each round runs the variants in a fresh random order: with a fixed
+cyclic order (even with a rotating start) a variant always ran right after the same neighbour, and the one after
+AES per-inference paid for the caches its decryption had flushed (×1.11 on EdgePro's mask on LeNet-5, ONNX Runtime).
 ``overhead`` is the median of the per-round ratios protected/none. Latency needs no trained weights, so the
 profiler builds artifacts from randomly initialized models and needs no dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,7 +49,7 @@ import protectors
 from protectors.core.artifact import Artifact
 from protectors.core.base import latency_context
 from protectors.core.crypto import GcmDecryptor, encrypt, key_id, parse_key, secret_seed
-from protectors.core.errors import NotApplicable
+from protectors.core.errors import BenchError, NotApplicable
 from protectors.core.hashing import canonical_json
 
 from . import models
@@ -49,6 +61,10 @@ from .targets import targets
 PROFILE_SEED = 0
 #: measure until every overhead ratio's 95% bootstrap interval is within ±1% of it, or this many seconds
 CI_TARGET = 0.01
+#: the ONNX files' layout (2: secrets as valueless initializers supplied at session creation)
+ONNX_LAYOUT = 2
+#: synthetic calibration inputs a target may quantize on (latency needs no dataset)
+CALIB_SAMPLES = 32
 
 
 def profile_card(model: str):
@@ -116,6 +132,47 @@ def _reset_peak() -> bool:
         return False
 
 
+def _settle() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so the next resident-memory growth is this
+    deployment's, not a reuse of what an earlier one freed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _mb(after: int | None, before: int | None) -> float | None:
+    return (after - before) / 1024 if after is not None and before is not None else None
+
+
+def _inference_peak_mb(run, x, calls: int = 10) -> float | None:
+    """Growth of the peak resident set over ``calls`` inferences at batch 1 (e.g. a per-inference decryption
+    buffer), from the resident set before them."""
+    _settle()
+    if not _reset_peak():
+        return None
+    rss0 = _rss_kb("VmRSS")
+    for _ in range(calls):
+        run(x)
+    return _mb(_rss_kb("VmHWM"), rss0)
+
+
+def _floor_columns(t: np.ndarray, floor: np.ndarray, base: np.ndarray, floor_ci: dict | None) -> dict[str, float]:
+    """The design floor's latency, its own overhead over the baseline, and this variant's ratio to it."""
+    out = {"floor_p50_ms": float(np.percentile(floor, 50))}
+    if len(base) == len(floor):
+        out["floor_overhead"] = float(np.median(floor / base))
+    if floor_ci is not None:
+        out.update(floor_overhead_ci_low=floor_ci["low"], floor_overhead_ci_high=floor_ci["high"])
+    if len(floor) == len(t) and len(t) > 1:
+        ratios = t / floor
+        lo, hi = bootstrap_median_ci(ratios)
+        out.update(vs_floor=float(np.median(ratios)), vs_floor_ci_low=lo, vs_floor_ci_high=hi)
+    return out
+
+
 # -- child process ----------------------------------------------------------------------------------------------
 def child(job_path: str) -> None:
     """Measure every variant of one (model, target) job, interleaved; print JSON results."""
@@ -132,8 +189,14 @@ def child(job_path: str) -> None:
     gen = torch.Generator().manual_seed(1)
     x1 = target.example(torch.randn(1, *shape, generator=gen))
     xb = target.example(torch.randn(prof.throughput_batch, *shape, generator=gen))
+    calib = torch.randn(CALIB_SAMPLES, *shape, generator=gen)  # latency only: synthetic calibration inputs
     results: dict[str, dict[str, Any]] = {}
     runs = {}
+    floors: dict[str, str] = {}  # variant id -> the id of its design floor (same graph, secrets as constants)
+    for v in job["variants"]:  # untimed provisioning (e.g. int8 quantization) of every variant first
+        with contextlib.suppress(NotImplementedError, BenchError):  # its load says why, in the record
+            target.prepare(protectors.get(v["protector"], **v["params"]), Artifact.load(v["dir"]), key, factory,
+                           v["mode"], calib)
     # One throwaway load first, so that "cold start" is the model's (read, decrypt, build, first inference),
     # not the runtime's own imports and one-time initialization.
     first = job["variants"][0]
@@ -141,6 +204,7 @@ def child(job_path: str) -> None:
                 first["mode"])(x1)
     for v in job["variants"]:
         protector = protectors.get(v["protector"], **v["params"])
+        _settle()
         measure_mem = _reset_peak()
         rss0 = _rss_kb("VmRSS")
         t0 = time.perf_counter()
@@ -155,14 +219,19 @@ def child(job_path: str) -> None:
             results[v["id"]] = {"note": f"n/a: {exc}"}
             continue
         cold = (time.perf_counter() - t0) * 1e3
-        peak = _rss_kb("VmHWM")
+        peak, rss1 = _rss_kb("VmHWM"), _rss_kb("VmRSS")
         results[v["id"]] = {
             "cold_start_ms": cold,
-            "peak_mem_mb": (peak - rss0) / 1024 if measure_mem and peak and rss0 else None,
+            "peak_mem_mb": _mb(peak, rss0) if measure_mem else None,
+            "resident_mb": _mb(rss1, rss0),
             "artifact_bytes": artifact.total_bytes - sum(len(artifact.files[n]) for n in artifact.meta.get(
                 "deploy_files", {})),
             "secret_bytes": protector.secret_bytes(artifact), "note": ""}
         runs[v["id"]] = run
+        floor = getattr(run, "floor", None)
+        if callable(floor):  # an in-graph secret: time its design floor beside it
+            floors[v["id"]] = f"{v['id']}|floor"
+            runs[floors[v["id"]]] = floor()
     ids = list(runs)
     for i in ids:
         for _ in range(prof.warmup):
@@ -170,10 +239,12 @@ def child(job_path: str) -> None:
     times: dict[str, list[float]] = {i: [] for i in ids}
     start, rnd = time.perf_counter(), 0
 
+    shuffle = np.random.default_rng(PROFILE_SEED)  # the order of each round: no variant keeps one predecessor
+
     def rounds(n: int) -> None:
         nonlocal rnd
         for _ in range(n):
-            order = ids[rnd % len(ids):] + ids[: rnd % len(ids)]
+            order = [ids[j] for j in shuffle.permutation(len(ids))]
             for i in order:
                 t0 = time.perf_counter_ns()
                 runs[i](x1)
@@ -192,12 +263,15 @@ def child(job_path: str) -> None:
         rounds(max(50, rnd // 4))
         cis = overhead_cis(times, baseline)
     stop = "converged" if all(c["rel"] <= CI_TARGET for c in cis.values()) else "time cap"
-    through: dict[str, list[float]] = {i: [] for i in ids}
+    variants = [i for i in ids if i in results]  # the floors are measured, not reported as cells
+    through: dict[str, list[float]] = {i: [] for i in variants}
     for _ in range(3):
-        for i in ids:
+        for i in variants:
             through[i].append(_timed(runs[i], xb))
+    for i in variants:
+        results[i]["infer_peak_mb"] = _inference_peak_mb(runs[i], x1)
     base = np.asarray(times.get(baseline, []))
-    for i in ids:
+    for i in variants:
         t = np.asarray(times[i])
         r = results[i]
         r.update(p50_ms=float(np.percentile(t, 50)), p90_ms=float(np.percentile(t, 90)),
@@ -207,6 +281,8 @@ def child(job_path: str) -> None:
         if i in cis:
             r.update(overhead_ci_low=cis[i]["low"], overhead_ci_high=cis[i]["high"],
                      overhead_ci_stop=f"{stop} after {rnd} rounds ({time.perf_counter() - start:.1f} s)")
+        if i in floors:
+            r.update(_floor_columns(t, np.asarray(times[floors[i]]), base, cis.get(floors[i])))
     out = {"results": results, "threads": torch.get_num_threads()}
     if job.get("gcm_probe"):
         out["gcm_gbps"] = gcm_gbps()
@@ -250,7 +326,7 @@ def build_deployments(runner, model_name: str, onnx: bool) -> dict[str, dict[str
     for label, spec, mode in _variants(runner):
         vid = f"{label}|{mode}"
         key = {"kind": "deploy", "model": model_name, "protector": runner.plugin_key(spec), "mode": mode,
-               "onnx": onnx, "key_id": key_id(runner.key)}
+               "onnx": onnx, "key_id": key_id(runner.key), "onnx_layout": ONNX_LAYOUT}
 
         def make(spec=spec, mode=mode, key=key) -> Artifact:
             protector = protectors.get(spec.name, **spec.params)

@@ -35,6 +35,7 @@ from .provenance import provenance
 
 #: the cell fields the tables and plots read, per kind of cell (each a string)
 CELL_FIELDS = {"effectiveness": ("dataset", "model", "label"),
+               "quantized": ("dataset", "model", "label"),
                "attack": ("dataset", "model", "label", "attack_label", "param"),
                "profile": ("model", "protector", "mode", "target")}
 
@@ -240,12 +241,21 @@ RESULT_TYPES = {
                # optional (newer records): the thief's validation accuracy of what it returns (null: no thief data to
                # validate on), its labeled fraction of the training set, the oracle queries it used
                "val_acc": ACCURACY_OR_NULL, "fraction": ACCURACY_OR_NULL, "queries": COUNT_OR_NULL},
+    "quantized": {"mode": TEXT, "float_auth_acc": ACCURACY, "int8_auth_acc": ACCURACY, "int8_loss": DIFFERENCE,
+                  "float_stolen_acc": ACCURACY, "int8_stolen_acc": ACCURACY, "int8_auth_acc_by_mode": ACCURACIES,
+                  "seconds": NONNEGATIVE, "note": TEXT},
     "profile": {"p50_ms": NONNEGATIVE_OR_NULL, "p90_ms": NONNEGATIVE_OR_NULL, "p99_ms": NONNEGATIVE_OR_NULL,
                 "mean_ms": NONNEGATIVE_OR_NULL, "cold_start_ms": NONNEGATIVE_OR_NULL,
                 "overhead": NONNEGATIVE_OR_NULL, "overhead_ci_low": NONNEGATIVE_OR_NULL,
                 "overhead_ci_high": NONNEGATIVE_OR_NULL, "throughput_ips": NONNEGATIVE_OR_NULL,
                 "peak_mem_mb": NUMBER_OR_NULL, "artifact_bytes": COUNT_OR_NULL, "secret_bytes": COUNT_OR_NULL,
-                "queries": COUNT_OR_NULL, "threads": COUNT_OR_NULL, "note": TEXT},
+                "queries": COUNT_OR_NULL, "threads": COUNT_OR_NULL, "note": TEXT,
+                # newer records: the design floor of an in-graph secret, and resident / per-inference memory
+                "floor_p50_ms": NONNEGATIVE_OR_NULL, "floor_overhead": NONNEGATIVE_OR_NULL,
+                "floor_overhead_ci_low": NONNEGATIVE_OR_NULL, "floor_overhead_ci_high": NONNEGATIVE_OR_NULL,
+                "vs_floor": NONNEGATIVE_OR_NULL, "vs_floor_ci_low": NONNEGATIVE_OR_NULL,
+                "vs_floor_ci_high": NONNEGATIVE_OR_NULL, "resident_mb": NUMBER_OR_NULL,
+                "infer_peak_mb": NUMBER_OR_NULL},
 }
 CELL_TYPES = {"seed": SEED, "attack_seed": SEED, "regime": TEXT}
 PROVENANCE_TYPES = {"seed": SEED_OR_NULL, "git_commit": TEXT_OR_NULL}

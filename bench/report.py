@@ -121,6 +121,9 @@ def _frames(records: list[dict]) -> tuple[dict[str, tuple[pd.DataFrame, list[str
     out |= {"effectiveness": (eff, tables.EFFECTIVENESS, set()), "attacks": (att, tables.ATTACKS_SHOWN, set()),
             **tables.declared_tables(records, att),
             "overhead": (ov, tables.OVERHEAD_SHOWN, set())}
+    quant = tables.quantized(records)
+    if len(quant):
+        out["quantized"] = (quant, tables.QUANTIZED + ["note"], set())
     return out, strong
 
 

@@ -106,12 +106,18 @@ class Workbench:
         """What the model declares (input shape, classes, lock sites, foldable producers)."""
         return self.factory().card
 
+    @functools.cached_property
+    def calib(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device's calibration data: a class-stratified sample of the training set (the device's own stream)."""
+        s = self.splits
+        return stratified_subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)),
+                                 stream_seed(self.seed, "device/calib"))
+
     def context(self, secret_key: dict[str, Any]) -> PluginContext:
         """The protector's context; its secret seed comes from the device key and ``secret_key`` (the config and the
         seed, never a code digest: editing a plugin does not draw it a new secret)."""
         s = self.splits
-        calib_x, calib_y = stratified_subset(s.train_x, s.train_y, min(1.0, CALIB_SIZE / len(s.train_x)),
-                                             stream_seed(self.seed, "device/calib"))
+        calib_x, calib_y = self.calib
         return PluginContext(
             model_factory=self.factory(), trainer=self.trainer,
             train_loader=self.loader(s.train_x, s.train_y, stream_seed(self.seed, "device/shuffle")),
@@ -322,6 +328,9 @@ class Runner:
                 for p in cfg.protectors:
                     pkey = self.plugin_key(p)
                     yield "effectiveness", exp, {"kind": "effectiveness", **base, "protector": pkey, "label": p.label}
+                    if cfg.int8_accuracy:
+                        yield "quantized", exp, {"kind": "quantized", **base, "protector": pkey, "label": p.label,
+                                                 "quantizer": code_digest("bench.quantize")}
                     for a in cfg.attacks:
                         attack = attack_registry.get(a.name)(**a.params)
                         akey = self.plugin_key(a, attack_registry)
@@ -401,6 +410,8 @@ class Runner:
         spec = next(p for p in self.cfg.protectors if p.label == cell["label"])
         if kind == "effectiveness":
             result = self.effectiveness(wb, spec)
+        elif kind == "quantized":
+            result = self.quantized(wb, spec)
         else:
             aspec = next(a for a in self.cfg.attacks if a.label == cell["attack_label"])
             result = self.attack(wb, spec, aspec, cell["param"], cell["attack_seed"])
@@ -423,6 +434,27 @@ class Runner:
                 "secret_bytes": protector.secret_bytes(artifact), "artifact_bytes": artifact.total_bytes,
                 "keyspace_bits": protector.keyspace_bits(artifact), "seconds": protect_s,
                 "chance": 1.0 / wb.info.num_classes, "declaration": protector.declaration()}
+
+    def quantized(self, wb: Workbench, spec: PluginSpec) -> dict[str, Any]:
+        """What int8 static quantization of the deployed ONNX graph (calibrated on the device's calibration data,
+        the secret applied) leaves of the authorized accuracy, and what the stolen copy quantized the same way gives
+        (:func:`bench.quantize.int8_accuracies`); the first mode that has an ONNX deployment is the row's."""
+        from .quantize import int8_accuracies
+
+        protector, artifact = wb.artifact(spec)
+        s = wb.splits
+        t0 = time.perf_counter()
+        got = int8_accuracies(protector, artifact, self.key, wb.factory(), wb.calib[0], s.test_x, s.test_y,
+                              example=s.train_x[:1])
+        mode = next((m for m in protector.modes if got["int8_auth_acc"].get(m) is not None), None)
+        notes = "; ".join(f"{m}: {why}" for m, why in got["int8_notes"].items())
+        out = {"mode": mode or "", "float_stolen_acc": got["stolen_acc"], "int8_stolen_acc": got["int8_stolen_acc"],
+               "int8_auth_acc_by_mode": {m: v for m, v in got["int8_auth_acc"].items() if v is not None},
+               "seconds": time.perf_counter() - t0, "note": notes}
+        if mode is not None:
+            out.update(float_auth_acc=got["float_auth_acc"][mode], int8_auth_acc=got["int8_auth_acc"][mode],
+                       int8_loss=got["float_auth_acc"][mode] - got["int8_auth_acc"][mode])
+        return out
 
     def attack(self, wb: Workbench, spec: PluginSpec, aspec: PluginSpec, param: str, aseed: int) -> dict[str, Any]:
         protector, artifact = wb.artifact(spec)

@@ -35,10 +35,17 @@ EFFECTIVENESS = ["dataset", "model", "protector", "clean_acc", "auth_acc", "acc_
 ATTACKS = ["dataset", "model", "protector", "attack", "param", "stolen_acc_after", "auth_acc_after", "scratch_acc",
            "gain"]
 OVERHEAD = ["model", "protector", "mode", "target", "p50_ms", "p90_ms", "p99_ms", "cold_start_ms", "overhead"]
+#: int8 static quantization of each protector's deployed ONNX graph (config ``int8_accuracy = true``)
+QUANTIZED = ["dataset", "model", "protector", "mode", "float_auth_acc", "int8_auth_acc", "int8_loss",
+             "float_stolen_acc", "int8_stolen_acc"]
 #: the harness's own tables (an attack's declared table may not take one of these names)
-HARNESS_TABLES = ("comparison", "effectiveness", "attacks", "overhead")
+HARNESS_TABLES = ("comparison", "effectiveness", "attacks", "overhead", "quantized")
 #: shown in Markdown/LaTeX besides the contract's columns
-OVERHEAD_SHOWN = OVERHEAD + ["overhead_ci_low", "overhead_ci_high", "mean_ms", "throughput_ips", "peak_mem_mb"]
+OVERHEAD_SHOWN = OVERHEAD + ["overhead_ci_low", "overhead_ci_high", "floor_overhead", "vs_floor", "vs_floor_ci_low",
+                             "vs_floor_ci_high", "mean_ms", "throughput_ips", "peak_mem_mb", "resident_mb",
+                             "infer_peak_mb"]
+#: memory columns (MB), shown with one decimal
+MEMORY = ("peak_mem_mb", "resident_mb", "infer_peak_mb")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,16 @@ def effectiveness(records: list[dict]) -> pd.DataFrame:
              **{k: r["result"].get(k) for k in EFFECTIVENESS[3:]}}
             for r in records if r["cell"].get("kind") == "effectiveness"]
     return _aggregate(rows, EFFECTIVENESS[:3], EFFECTIVENESS[3:], baseline=baselines(records))
+
+
+def quantized(records: list[dict]) -> pd.DataFrame:
+    """Per protector: the authorized accuracy of its ONNX deployment in float and after int8 static quantization
+    (the same mode), what quantization cost it, and the stolen copy's accuracy in float and int8."""
+    rows = [{"dataset": r["cell"]["dataset"], "model": model_label(r["cell"]), "protector": r["cell"]["label"],
+             "mode": r["result"].get("mode") or "—", "seed": r["cell"].get("seed", 0), "_order": r.get("order"),
+             "note": r["result"].get("note", ""), **{k: r["result"].get(k) for k in QUANTIZED[4:]}}
+            for r in records if r["cell"].get("kind") == "quantized"]
+    return _aggregate(rows, QUANTIZED[:4], QUANTIZED[4:], extra_first=["note"], baseline=baselines(records))
 
 
 #: optional measurements of an attack record's ``result`` (newer records): the thief's own validation accuracy of
@@ -513,7 +530,7 @@ def _fmt(v: Any, std: Any = None, digits: int = 3, column: str = "", whole: set[
         return "—"
     if column in WHOLE or column in whole:
         return f"{v:,.0f}"
-    if column in ("keyspace_bits", "peak_mem_mb"):
+    if column == "keyspace_bits" or column in MEMORY:
         return f"{v:.1f}"
     if isinstance(v, (float, np.floating)):
         s = f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"

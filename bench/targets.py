@@ -7,6 +7,7 @@ thread settings and environment variables (``OPENSSL_ia32cap`` for software AES)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, ClassVar
 
@@ -43,6 +44,11 @@ class Target:
 
     def example(self, x: torch.Tensor) -> Any:
         return x
+
+    def prepare(self, protector: Protector, artifact: Artifact, key: bytes, factory: ModelFactory, mode: str,
+                calib: torch.Tensor) -> None:
+        """Untimed work before the cold start, done where the model is provisioned (e.g. quantizing on ``calib``,
+        the device's calibration inputs); default nothing."""
 
     def load(self, protector: Protector, artifact: Artifact, key: bytes, factory: ModelFactory,
              mode: str) -> Callable[[Any], Any]:
@@ -135,3 +141,62 @@ class OnnxRuntimeCpu1t(Target):
             return protector.onnx_load(artifact, key, mode, threads=1)
         except NotApplicable as exc:
             raise NotImplementedError(str(exc)) from None
+
+
+@targets.register()
+class OnnxRuntimeInt8_1t(OnnxRuntimeCpu1t):
+    name = "onnxruntime-int8-1t"
+    description = ("ONNX Runtime CPU, one thread, each deployment's graph statically quantized to int8 (QDQ) on the "
+                   "device's calibration data, secrets applied while calibrating")
+
+    quant = None
+
+    def prepare(self, protector, artifact, key, factory, mode, calib):
+        from .quantize import OrtInt8
+
+        if self.quant is None:
+            self.quant = OrtInt8(calib)
+        with contextlib.suppress(NotImplementedError):  # load says why again, in the record
+            self.load(protector, artifact, key, factory, mode)  # quantizes once: the timed load finds it done
+
+    def load(self, protector, artifact, key, factory, mode):
+        from .quantize import ort_int8_runner
+
+        if self.quant is None:
+            raise RuntimeError("onnxruntime-int8-1t: prepare() must run before load()")
+        try:
+            return ort_int8_runner(lambda: super(OnnxRuntimeInt8_1t, self).load(protector, artifact, key, factory,
+                                                                                mode), self.quant)
+        except NotApplicable as exc:
+            raise NotImplementedError(str(exc)) from None
+
+
+@targets.register()
+class TorchInt8_1t(TorchCpu1t):
+    name = "torch-int8-1t"
+    description = ("eager PyTorch, one thread, the deployed module quantized to int8 with FX graph mode (x86); its "
+                   "cold start includes the quantization")
+
+    calib = None
+
+    def prepare(self, protector, artifact, key, factory, mode, calib):
+        self.calib = calib
+
+    def load(self, protector, artifact, key, factory, mode):
+        from .quantize import torch_int8
+
+        if mode in protector.host_memory_modes:
+            raise NotImplementedError(f"n/a: {protector.name} {mode} decrypts float weights per inference; an int8 "
+                                      "form would need its int8 weights encrypted")
+        model = protector.deploy(artifact, key, factory, mode)
+        packages = ("protectors", type(protector).__module__.split(".")[0])
+        try:
+            model = torch_int8(model, self.calib, packages)
+        except NotApplicable as exc:
+            raise NotImplementedError(str(exc)) from None
+
+        def run(x):
+            with torch.inference_mode():
+                return model(x)
+
+        return run

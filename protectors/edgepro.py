@@ -17,10 +17,11 @@ applied.
 The password's draw is seeded from the device key (``ctx.secret_rng()``), never from the public config seed:
 whoever holds the config and the clean model cannot recompute it.
 
-Deploy modes: ``mask`` multiplies inside the graph, in place (one ``Mul`` per site in ONNX, where the mask is a
-graph input); ``fold`` scales the producing layer's weights once at load (zero cost per inference; only for sites
-whose model declares a foldable producer, and λ, s ≥ 0). On ONNX Runtime, ``mask`` feeds the decrypted masks as
-graph inputs (the password is never in the ONNX file) and ``fold`` overrides the producers' initializers at load.
+Deploy modes: ``mask`` multiplies inside the graph, in place (one ``Mul`` per site in ONNX, where the mask is an
+initializer supplied at load); ``fold`` scales the producing layer's weights once at load (zero cost per inference;
+only for sites whose model declares a foldable producer, and λ, s ≥ 0). On ONNX Runtime, ``mask`` supplies the
+decrypted masks at session creation as in-memory initializers, constants from then on (the password is never in the
+ONNX file), and ``fold`` overrides the producers' initializers at load.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ works only when the key is applied again.
    sites are public metadata.
 
 Deploy mode ``key``: the masks multiply in place inside the graph (one ``Mul`` per site). On ONNX Runtime the masks
-are graph inputs fed from the decrypted key at load, so the ONNX file holds no key, like the trusted accelerator
+are valueless initializers supplied from the decrypted key at session creation (in memory, then constants), so the
+ONNX file holds no key, like the trusted accelerator
 that applies the key on every inference. No ``fold`` mode: the lock sits after the activation and a sign of -1 does
 not commute with ReLU or max-pooling, so it cannot be folded into the producing layer.
 
@@ -147,7 +148,7 @@ class HpnnProtector(PlaintextWeightsProtector):
             return {}
         return self.secret(artifact, key).agreement(guess)
 
-    # -- ONNX Runtime: the sign masks are graph inputs, fed from the decrypted key at load --------------------
+    # -- ONNX Runtime: the sign masks are supplied from the decrypted key at session creation ----------------
     def _onnx_build(self, artifact, key, model_factory, mode, example):
         onnx_runtime.put_masked_graph(artifact, self.deploy(artifact, key, model_factory, mode), example)
 

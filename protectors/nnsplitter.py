@@ -36,8 +36,8 @@ in memory, like AES's decrypt-at-load). ``tee`` keeps the obfuscated weights in 
 the correction a TEE would compute: the input convolved with ΔW = W_orig − W_obf of the affected filters only
 (a k-filter conv), added to those output channels (convolution is linear, so this equals the original conv).
 On ONNX Runtime ``restore`` is the default sealed graph (decrypted at load); ``tee`` exports the obfuscated model
-with ΔW and the affected filters' indices as graph inputs, fed from the decrypted secret at load, so neither is in
-the ONNX file.
+with ΔW and the affected filters' indices as valueless initializers, supplied from the decrypted secret at session
+creation (in memory, as constants), so neither is in the ONNX file.
 
 ``authorize`` writes the original values back into an attacked copy. On a structurally pruned copy
 (``pruned.kept``) a position is restored only where its output filter survived (``kept[layer]``) and its input
@@ -96,7 +96,6 @@ from .core.weights import WEIGHTS
 
 SECRET = "positions.enc"
 ONNX = "model.onnx"
-ONNX_LAYERS = "graph_inputs.txt"
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,8 @@ def install_tee(model: nn.Module, corrections: dict[str, tuple[torch.Tensor, tor
 
 
 class _CorrectionInputs(nn.Module):
-    """The tee-mode model with every ΔW and filter index list a graph input (for ONNX export)."""
+    """The tee-mode model with every ΔW and filter index list a graph input (for ONNX export; the inputs then become
+    initializers whose values are supplied at session creation)."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
@@ -372,8 +372,10 @@ class NNSplitterProtector(PlaintextWeightsProtector):
         names = sorted(fake)
         install_tee(model, fake)
         rest = [t for n in names for t in fake[n]]
-        artifact.put(ONNX, onnx_runtime.export(_CorrectionInputs(model, names), example, rest))
-        artifact.put(ONNX_LAYERS, "\n".join(names).encode())
+        labels = {f"rest_{2 * j + i}": f"{n}.{part}" for j, n in enumerate(names)
+                  for i, part in enumerate(("delta", "filters"))}
+        graph = onnx_runtime.export(_CorrectionInputs(model, names), example, rest)
+        onnx_runtime.put_secret_graph(artifact, ONNX, graph, labels)
 
     def _onnx_load(self, artifact, key, mode, threads=1):
         if self.check_mode(mode) == "restore":
@@ -381,15 +383,12 @@ class NNSplitterProtector(PlaintextWeightsProtector):
         from safetensors.numpy import load as np_load
 
         secret = self.secret(artifact, key)
-        names = artifact.file(ONNX_LAYERS).decode().split("\n")
         weights = np_load(artifact.file(WEIGHTS))
-        feed = {}
-        for j, name in enumerate(names):
-            s = secret.entries.get(f"{name}.weight")
-            if s is None or f"{name}.weight" not in weights:
-                raise ArtifactError(f"{artifact.where}/{ONNX_LAYERS}: layer {name!r} not in the secret or weights")
-            delta, filters = layer_correction(torch.from_numpy(weights[f"{name}.weight"].copy()), s)
-            feed[f"rest_{2 * j}"], feed[f"rest_{2 * j + 1}"] = delta.numpy(), filters.numpy()
-        sess = onnx_runtime.session(artifact.file(ONNX), threads)
-        wanted = onnx_runtime.graph_inputs(sess)
-        return onnx_runtime.bound(sess, {k: v for k, v in feed.items() if k in wanted})
+        values = {}
+        for name, s in secret.entries.items():
+            if name not in weights:
+                raise ArtifactError(f"{artifact.where}/{SECRET}: layer {name!r} is not in the weights")
+            delta, filters = layer_correction(torch.from_numpy(weights[name].copy()), s)
+            layer = name.removesuffix(".weight")
+            values[f"{layer}.delta"], values[f"{layer}.filters"] = delta.numpy(), filters.numpy()
+        return onnx_runtime.load_secret_graph(artifact, values, threads)

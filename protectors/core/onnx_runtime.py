@@ -8,9 +8,11 @@ deployment and is not timed; loading is the device's cold start and returns the 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
 
 SEALED = "model.onnx.enc"
 MASKED = "model.onnx"
-MASK_SITES = "graph_inputs.txt"
 
 
 #: a protector/mode with no ONNX deployment raises :class:`~protectors.core.errors.NotApplicable` (this name is the
@@ -50,13 +51,45 @@ def export(module: nn.Module, x: torch.Tensor, rest: list[torch.Tensor] | None =
     return program.model_proto.SerializeToString()
 
 
-def session(model_bytes: bytes, threads: int):
+#: the external-data location of a secret initializer: no file, its value is supplied at session creation
+IN_MEMORY = "secret-supplied-at-session-creation"
+#: how a graph's secret initializers map to the protector's secret tensors (see :func:`put_secret_graph`)
+SECRETS = "secret_initializers.json"
+
+#: a rewrite ``(graph, secrets) -> (graph, secrets)`` applied to every session this module makes while it is set
+#: (the harness sets it, e.g. to quantize; protectors never do)
+_rewrite: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("onnx_graph_rewrite", default=None)
+
+
+@contextlib.contextmanager
+def rewriting(fn: Callable[[bytes, dict[str, np.ndarray]], tuple[bytes, dict[str, np.ndarray]]]):
+    """Every session :func:`session` makes inside this block is built from ``fn(graph, secrets)``: a harness uses
+    it to deploy every protector's own ONNX graphs differently (e.g. int8) without the protectors knowing."""
+    token = _rewrite.set(fn)
+    try:
+        yield
+    finally:
+        _rewrite.reset(token)
+
+
+def session(model_bytes: bytes, threads: int, secrets: dict[str, np.ndarray] | None = None):
+    """An ONNX Runtime CPU session; ``secrets`` are the values of the graph's secret initializers (those
+    :func:`secret_initializers` left without a value), handed over in memory at session creation: ONNX Runtime
+    injects them before optimizing the graph, so a secret costs what a constant costs and is never in a file."""
     import onnxruntime as ort
 
+    fn = _rewrite.get()
+    if fn is not None:
+        model_bytes, secrets = fn(model_bytes, dict(secrets or {}))
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if secrets:
+        names = list(secrets)
+        # np.require keeps a 0-d scale 0-d (np.ascontiguousarray makes it 1-d); ONNX Runtime copies the values
+        so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.require(secrets[n], requirements="C"))
+                                             for n in names])
     try:
         return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
@@ -66,9 +99,11 @@ def session(model_bytes: bytes, threads: int):
 
 
 def bound(sess, constants: dict[str, np.ndarray] | None = None) -> OnnxRunner:
-    """``run(x)`` through an I/O binding with the constant inputs (masks, weight views) bound once.
+    """``run(x)`` through an I/O binding with the per-run tensors (e.g. weight views) bound once.
 
     Binding a NumPy array does not copy it, so a bound weight view sees every later decryption into its buffer.
+    A secret that does not change between runs belongs in :func:`session`'s ``secrets`` instead: a bound input is
+    read on every run, an initializer is a constant.
     """
     binding = sess.io_binding()
     for name, array in (constants or {}).items():
@@ -91,6 +126,91 @@ def bound(sess, constants: dict[str, np.ndarray] | None = None) -> OnnxRunner:
 def graph_inputs(sess) -> dict[str, list]:
     """The session's inputs other than ``x``, with their shapes."""
     return {i.name: i.shape for i in sess.get_inputs() if i.name != "x"}
+
+
+def secret_initializers(model_bytes: bytes, names: list[str]) -> tuple[bytes, dict[str, dict]]:
+    """The graph with its inputs ``names`` turned into initializers that hold no value (external data at
+    :data:`IN_MEMORY`, which is no file), and each one's shape and dtype. Names the graph does not take are
+    skipped (the exporter drops inputs a graph never reads)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load_from_string(model_bytes)
+    keep, specs = [], {}
+    for inp in proto.graph.input:
+        if inp.name not in names:
+            keep.append(inp)
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value for d in tt.shape.dim]
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"secret graph input {inp.name!r} has a dynamic shape {shape}")
+        init = TensorProto(name=inp.name, data_type=tt.elem_type, dims=shape, data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", IN_MEMORY), ("offset", "0"),
+                     ("length", str(int(np.prod(shape)) * helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize))):
+            entry = init.external_data.add()
+            entry.key, entry.value = k, v
+        proto.graph.initializer.append(init)
+        specs[inp.name] = {"shape": shape, "dtype": str(helper.tensor_dtype_to_np_dtype(tt.elem_type))}
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    return proto.SerializeToString(), specs
+
+
+def bake(model_bytes: bytes, secrets: dict[str, np.ndarray]) -> bytes:
+    """The graph with its secret initializers holding ``secrets`` as plain constants: the design floor of an in-graph
+    secret (what it costs at best), and what a quantizer must calibrate. Never written to a device's storage."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(model_bytes)
+    for init in proto.graph.initializer:
+        if init.name in secrets:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(secrets[init.name]), init.name))
+    return proto.SerializeToString()
+
+
+def put_secret_graph(artifact: Artifact, name: str, graph: bytes, secrets: dict[str, str]) -> None:
+    """Store ``graph`` as ``name`` with its inputs ``secrets`` (graph input → the protector's label for that secret
+    tensor, e.g. its lock site) as valueless initializers, and the labels, shapes and dtypes in :data:`SECRETS`."""
+    import json
+
+    graph, specs = secret_initializers(graph, list(secrets))
+    artifact.put(name, graph)
+    artifact.put(SECRETS, json.dumps({"graph": name, "inputs": {n: {"label": secrets[n], **s}
+                                                               for n, s in specs.items()}}).encode())
+
+
+def load_secret_graph(artifact: Artifact, values: Mapping[str, Any], threads: int) -> OnnxRunner:
+    """A session over :func:`put_secret_graph`'s graph with each secret (``values[label]``, reshaped to the graph's
+    shape) supplied at session creation. The runner's ``floor()`` builds the same deployment with the secrets baked
+    in as constants (the profiler's design floor; it holds the secrets as long as the runner lives)."""
+    import json
+
+    from .errors import ArtifactError
+
+    where = f"{artifact.where}/{SECRETS}"
+    try:
+        spec = json.loads(artifact.file(SECRETS))
+        graph = artifact.file(spec["graph"])
+        secrets = {n: np.asarray(values[s["label"]], dtype=s["dtype"]).reshape(s["shape"])
+                   for n, s in spec["inputs"].items()}
+    except KeyError as exc:
+        raise ArtifactError(f"{where}: names {exc.args[0]!r}, which the deployment does not have") from None
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{where}: a secret does not fit its graph initializer ({exc})") from None
+    run = bound(session(graph, threads, secrets))
+    rewrite = _rewrite.get()
+
+    def floor() -> OnnxRunner:
+        token = _rewrite.set(rewrite)
+        try:
+            return bound(session(bake(graph, secrets), threads))
+        finally:
+            _rewrite.reset(token)
+
+    run.floor = floor
+    return run
 
 
 def replace_initializers(model_bytes: bytes, values: dict[str, np.ndarray]) -> bytes:
@@ -134,23 +254,38 @@ class _MaskInputs(nn.Module):
 
 
 def put_masked_graph(artifact: Artifact, model: nn.Module, example: torch.Tensor) -> None:
-    """Add ``model`` (with :class:`~protectors.core.lock.MaskedSite` sites installed) exported with every site's mask a
-    graph input: the secret masks are never in the file; :func:`load_masked_graph` feeds them at load."""
+    """Add ``model`` (with :class:`~protectors.core.lock.MaskedSite` sites installed) exported with every site's mask
+    a valueless initializer: the secret masks are never in the file; :func:`load_masked_graph` supplies them."""
     from .lock import sites_of
 
     sites = sorted(sites_of(model))
     with torch.no_grad():
         model(example)  # each site learns its activation's rank: the masks are fed already shaped to broadcast
     masks = [model.get_submodule(s).view for s in sites]
-    artifact.put(MASKED, export(_MaskInputs(model, sites), example, masks))
-    artifact.put(MASK_SITES, "\n".join(sites).encode())
+    graph = export(_MaskInputs(model, sites), example, masks)
+    put_secret_graph(artifact, MASKED, graph, {f"rest_{i}": s for i, s in enumerate(sites)})
 
 
 def load_masked_graph(artifact: Artifact, mask_of, threads: int) -> OnnxRunner:
-    """A session over :func:`put_masked_graph`'s file with each site's mask (``mask_of(site)``) bound once."""
-    sess = session(artifact.file(MASKED), threads)
-    sites = artifact.file(MASK_SITES).decode().split("\n")
-    shapes = graph_inputs(sess)
-    feed = {f"rest_{i}": mask_of(s).numpy().reshape(shapes[f"rest_{i}"])
-            for i, s in enumerate(sites) if f"rest_{i}" in shapes}
-    return bound(sess, feed)
+    """A session over :func:`put_masked_graph`'s file with each site's mask (``mask_of(site)``) supplied at session
+    creation (:func:`load_secret_graph`)."""
+    return load_secret_graph(artifact, _Lazy(lambda site: mask_of(site).numpy()), threads)
+
+
+class _Lazy(Mapping):
+    """``values[label]`` computed on demand (a protector's secret by label, e.g. a site's mask)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, label):
+        try:
+            return self.fn(label)
+        except (KeyError, IndexError):
+            raise KeyError(label) from None
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
