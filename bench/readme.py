@@ -13,7 +13,10 @@ is rewritten with the Markdown of that table (``leaderboard``) rebuilt from the 
 - ``columns=protector,data_to_break,broken``: these shown columns, in this order (any column of the report's table,
   including the derived ones such as ``unlocked`` or ``broken``);
 - ``COLUMN=v1,v2`` (any other column of the table, e.g. ``protector=aes,edgepro`` or ``attack=finetune``): only the
-  rows whose value is one of those.
+  rows whose value is one of those;
+- ``pivot=COLUMN`` with ``value=COLUMN``: one column per value of the first (in the table's order), holding the
+  second; the other shown columns are the rows (e.g. ``pivot=target value=overhead_x columns=model,protector,mode``:
+  a latency ratio per model, variant and target).
 
 ``--check`` rewrites nothing: it exits 1 naming the tables that differ from what would be generated (0 when none
 does). Text outside the markers is never touched.
@@ -92,10 +95,15 @@ def render(built: dict, name: str, options: dict[str, list[str]], where: str) ->
     df, cols, whole = built[name]
     options = dict(options)
     wanted = options.pop("columns", None)
+    pivot, value = options.pop("pivot", [None])[0], options.pop("value", [None])[0]
+    if (pivot is None) != (value is None) or (pivot is not None and not wanted):
+        raise BenchError(f"{where}: 'pivot' needs 'value' and 'columns' (the rows' columns)")
     for col, values in options.items():
         if col not in df:
             raise BenchError(f"{where}: table {name!r} has no column {col!r} to select rows by")
         df = df[df[col].astype(str).isin(values)]
+    if pivot is not None:
+        return _pivot(df, wanted, pivot, value, whole, where, name)
     shown = tables.display(df, wanted if wanted else cols, whole)
     if wanted:
         unknown = [c for c in wanted if c not in shown]
@@ -103,6 +111,21 @@ def render(built: dict, name: str, options: dict[str, list[str]], where: str) ->
             raise BenchError(f"{where}: table {name!r} has no column {', '.join(map(repr, unknown))} to show")
         shown = shown[wanted]
     return shown.to_markdown(index=False) if len(shown) else "(no rows)"
+
+
+def _pivot(df, rows: list[str], pivot: str, value: str, whole: set[str], where: str, name: str) -> str:
+    if pivot not in df:
+        raise BenchError(f"{where}: table {name!r} has no column {pivot!r} to pivot on")
+    shown = tables.display(df, rows + [pivot, value], whole)
+    missing = [c for c in rows + [pivot, value] if c not in shown]
+    if missing:
+        raise BenchError(f"{where}: table {name!r} has no column {', '.join(map(repr, missing))} to show")
+    if not len(shown):
+        return "(no rows)"
+    wide = shown.pivot_table(index=rows, columns=pivot, values=value, aggfunc="first", sort=False)
+    wide = wide[list(dict.fromkeys(shown[pivot]))].fillna("—").reset_index()
+    wide.columns.name = None
+    return wide.to_markdown(index=False)
 
 
 def regions(text: str, base: Path, where: str = "README") -> list[Region]:

@@ -484,8 +484,20 @@ def _trainings_text(row: pd.Series) -> str:
     return f"{_fraction_text(lo, short=True)} – {_fraction_text(hi, short=True)}"
 
 
+def _ratio_text(v: Any, lo: Any, hi: Any) -> str:
+    """A latency ratio with its 95% interval, e.g. ``×1.104 [1.096, 1.111]``; ``n/a`` where it was not measured."""
+    if not _is_number(v) or np.isnan(v):
+        return "n/a"
+    ci = f" [{lo:.3f}, {hi:.3f}]" if _is_number(lo) and _is_number(hi) and not np.isnan(lo) else ""
+    return f"×{v:.3f}{ci}"
+
+
 #: columns shown by a formatter of the whole row (derived from several raw columns): column -> (needs, format)
 FORMATTED = {
+    "overhead_x": (["overhead", "overhead_ci_low", "overhead_ci_high"],
+                   lambda r: _ratio_text(r["overhead"], r["overhead_ci_low"], r["overhead_ci_high"])),
+    "vs_floor_x": (["vs_floor", "vs_floor_ci_low", "vs_floor_ci_high"],
+                   lambda r: _ratio_text(r["vs_floor"], r["vs_floor_ci_low"], r["vs_floor_ci_high"])),
     "unlocked": (UNLOCKED, lambda r: _kn_text(r["unlocked_k"], r["unlocked_n"], r["unlocked_lo"], r["unlocked_hi"])),
     "broken": (["broken_k", "broken_n", "broken_lo", "broken_hi"],
                lambda r: _kn_text(r["broken_k"], r["broken_n"], r["broken_lo"], r["broken_hi"])),

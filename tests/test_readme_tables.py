@@ -114,6 +114,9 @@ def test_the_report_markdown_is_what_the_readme_shows(project):
     ("<!-- table: runs/tiny leaderboard columns=protector,nosuch -->\n<!-- /table -->\n", "no column 'nosuch'"),
     ("<!-- table: runs/tiny leaderboard bogus=1 -->\n<!-- /table -->\n", "no column 'bogus' to select rows"),
     ("<!-- table: runs/tiny leaderboard columns -->\n<!-- /table -->\n", "NAME=v1,v2"),
+    ("<!-- table: runs/tiny attacks pivot=param columns=protector -->\n<!-- /table -->\n", "needs 'value'"),
+    ("<!-- table: runs/tiny attacks pivot=nosuch value=gain columns=protector -->\n<!-- /table -->\n",
+     "no column 'nosuch' to pivot"),
 ])
 def test_bad_markers_are_one_line_errors(project, capsys, text, message):
     path = project / "README.md"
@@ -132,3 +135,21 @@ def test_a_readme_without_markers_is_left_alone(project, capsys):
     assert main(["readme", "--check", str(path)]) == 0 and main(["readme", str(path)]) == 0
     assert path.read_text() == "# Nothing generated here\n"
     assert main(["readme", "--check", str(project / "missing.md")]) == 2
+
+
+def test_pivot_puts_one_column_per_value(project):
+    path = project / "README.md"
+    path.write_text("<!-- table: runs/tiny attacks pivot=param value=stolen_acc_after columns=protector -->\n"
+                    "<!-- /table -->\n")
+    readme.main(path)
+    lines = path.read_text().splitlines()
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["protector", "f=0.01", "f=0.1"]
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in ln.split("|")[1:-1]] for ln in lines[4:6])}
+    assert rows["lock"] == ["0.505 ± 0.007", "0.805 ± 0.007"] and rows["none"] == ["0.975 ± 0.007"] * 2
+
+
+def test_ratio_with_interval_is_shown_as_one_column():
+    row = {"overhead": 1.1043, "overhead_ci_low": 1.0961, "overhead_ci_high": 1.1112}
+    assert tables.FORMATTED["overhead_x"][1](row) == "×1.104 [1.096, 1.111]"
+    assert tables.FORMATTED["overhead_x"][1]({"overhead": float("nan"), "overhead_ci_low": float("nan"),
+                                              "overhead_ci_high": float("nan")}) == "n/a"
