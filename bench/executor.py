@@ -59,7 +59,8 @@ def _runner(spec_key: str, spec: dict[str, Any]):
             # The run's key or nothing: a worker never creates a key, and refuses one whose id is not the run's.
             runner = Runner(spec["cfg"], spec["out"], data_root=spec["data_root"], download=spec["download"],
                             key_file=spec["key_file"], key_format=spec["key_format"], cache_dir=spec["cache_dir"],
-                            progress=False, profile=False, create_key=False, expect_key_id=spec["key_id"])
+                            progress=False, profile=False, create_key=False, expect_key_id=spec["key_id"],
+                            isolate=spec.get("isolate", True))
         except BenchError as exc:
             raise type(exc)(f"Dask worker on {socket.gethostname()} (pid {os.getpid()}): {exc}") from None
         _RUNNERS[spec_key] = runner

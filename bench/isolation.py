@@ -20,10 +20,14 @@ harness rebuilds the model from the architecture and scores it on the test set, 
 Nothing crosses in either direction as a pickle (:mod:`bench.wire`).
 
 What this does not guard against: the harness itself imports every attack plugin (to read its cells and
-declarations), so a plugin's import-time code runs with the harness; and the child can read any file the user can
-(the key file too, which is mode 0600 for that user). The isolation keeps the key and the test set out of the
-*memory* an attack runs in, so that an honest attack cannot use them by mistake and a curious one cannot find them
-by walking the stack or the heap (``tests/test_isolation.py`` plants one that searches the whole process memory).
+declarations), so a plugin's import-time code runs with the harness; the child can read any file the user can (the
+key file too, which is mode 0600 for that user); and the child runs as the harness's user. The harness makes itself
+non-dumpable (:func:`harden_harness`), so an unprivileged child cannot ptrace it or read its memory through
+``/proc``, but a child running as root can. The isolation keeps the key and the test set out of the *memory* an
+attack runs in, so that an honest attack cannot use them by mistake and a curious one cannot find them by walking
+its own stack or heap (``tests/test_isolation.py`` plants one that searches its whole process memory); against a
+hostile plugin, run the suite as an unprivileged user with the key file out of its reach (another user, a
+container).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -96,6 +101,8 @@ def rebuild(model: nn.Module, header: dict[str, Any], blobs: dict[str, bytes]) -
     state = wire.unpack(blobs.get("state", b""), "the attacked model's weights")
     masks = wire.unpack(blobs.get("masks", b""), "the attacked model's lock-site masks")
     own = model.state_dict()
+    if not isinstance(header, dict):
+        raise AttackProcessError("the attacked model's description is malformed")
     if set(state) != set(own):
         odd = sorted(set(state) ^ set(own))
         raise AttackProcessError(f"the attacked model is not the architecture: tensors {odd[:4]} differ")
@@ -117,9 +124,25 @@ def rebuild(model: nn.Module, header: dict[str, Any], blobs: dict[str, bytes]) -
     try:
         model.load_state_dict(state, strict=True)
         lock.install_masks(model, masks)
-    except (RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the untrusted tensors make torch raise: one line
         raise AttackProcessError(f"the attacked model cannot be rebuilt: {str(exc).splitlines()[0][:160]}") from None
     return model.train(bool(header.get("training", False)))
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """The rebuilt model runs on ``example`` and gives finite logits (the harness's own check: what the attack
+    process sent is untrusted, e.g. a bias of another width than its weight)."""
+    was = model.training
+    model.eval()
+    try:
+        out = model(example)
+    except Exception as exc:  # noqa: BLE001 - a shape mismatch of untrusted tensors: one line
+        raise AttackProcessError(f"the attacked model does not run: {str(exc).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(example):
+        raise AttackProcessError("the attacked model does not give one row of logits per input")
 
 
 def guess_payload(guess: Any) -> dict[str, Any] | None:
@@ -143,12 +166,15 @@ def guess_from(payload: Any) -> Any:
         raise AttackProcessError("the attack's guess of the secret is malformed") from None
     if not module.startswith(GUESS_MODULES) or "." in name:
         raise AttackProcessError(f"the attack's guess names {payload['type']!r}, not a secret kind")
-    cls = getattr(importlib.import_module(module), name, None)
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        cls = None
     if cls is None or not dataclasses.is_dataclass(cls):
         raise AttackProcessError(f"the attack's guess names {payload['type']!r}, not a secret kind")
     try:
         return cls(**fields)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AttackProcessError(f"the attack's guess of {name} is malformed: {exc}") from None
 
 
@@ -173,6 +199,21 @@ def pruned_from(payload: Any, blobs: dict[str, bytes]) -> Pruned | None:
 
 
 # -- the harness's side ------------------------------------------------------------------------------------------
+PR_SET_DUMPABLE = 4
+
+
+def harden_harness() -> bool:
+    """Make this (the harness's) process non-dumpable (Linux ``prctl(PR_SET_DUMPABLE, 0)``): a process of the same
+    user, such as the attack process, can then neither ptrace it nor read ``/proc/<pid>/mem``. Root keeps that
+    power (``CAP_SYS_PTRACE``). Returns whether it took effect (False off Linux)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class AttackProcess:
     """The child process attacks run in (started on first use, reused, restarted if it dies)."""
 
@@ -180,6 +221,8 @@ class AttackProcess:
         self.threads = threads
         self._proc: subprocess.Popen | None = None
         self._to = self._from = None
+        #: one cell at a time through the pipes (a Dask worker with several threads shares its runner)
+        self._lock = threading.Lock()
 
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
@@ -199,27 +242,35 @@ class AttackProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def ensure_started(self) -> None:
+        """Start the process now if it is not running (so its start-up is not timed as a cell's)."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._drop()
+                self._start()
+
     def run(self, job: dict[str, Any], blobs: dict[str, bytes],
             serve: Callable[[dict[str, Any], dict[str, bytes]], tuple[dict[str, Any], dict[str, bytes]]]
             ) -> tuple[dict[str, Any], dict[str, bytes]]:
         """Send ``job``, answer the child's requests with ``serve`` until it sends its result; return it."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._start()
-        try:
-            wire.send(self._to, job, blobs)
-            while True:
-                head, got = wire.recv(self._from)
-                if head.get("op") in ("result", "error"):
-                    break
-                wire.send(self._to, *serve(head, got))
-        except (wire.WireClosed, BrokenPipeError):
-            code = self._proc.wait()
-            self._proc = None
-            raise AttackProcessError(f"the attack process died (exit code {code}) while running "
-                                     f"{job.get('attack', {}).get('name')} {job.get('cell')}") from None
-        except BaseException:  # a malformed message, a harness error, an interrupt: the child may be mid-request
-            self.close()
-            raise
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._drop()
+                self._start()
+            try:
+                wire.send(self._to, job, blobs)
+                while True:
+                    head, got = wire.recv(self._from)
+                    if head.get("op") in ("result", "error"):
+                        break
+                    wire.send(self._to, *serve(head, got))
+            except (wire.WireClosed, BrokenPipeError):
+                code = self._drop()
+                raise AttackProcessError(f"the attack process died (exit code {code}) while running "
+                                         f"{job.get('attack', {}).get('name')} {job.get('cell')}") from None
+            except BaseException:  # a malformed message, a harness error, an interrupt: the child may be mid-request
+                self._drop()
+                raise
         if head["op"] == "error":  # the attack failed; its process is ready for the next cell
             raise self._error(head)
         return head, got
@@ -231,20 +282,28 @@ class AttackProcess:
             return ERRORS[kind](message)
         return AttackProcessError(f"the attack raised {kind}: {message}\n{head.get('traceback', '')}")
 
-    def close(self) -> None:
-        if self._proc is None:
-            return
+    def _drop(self) -> int | None:
+        """Close the pipes (the child then reads EOF and exits), reap the child (killed if it lingers); its exit
+        code."""
         for f in (self._to, self._from):
-            try:
-                f.close()
-            except OSError:
-                pass
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self._to = self._from = None
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
         try:
-            self._proc.wait(timeout=10)
+            return proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
+            proc.kill()
+            return proc.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
 
     def __del__(self):
         try:
@@ -386,9 +445,9 @@ def main(argv: list[str]) -> int:
                          "traceback": traceback.format_exc()}, {}
         try:
             wire.send(chan.out, head, out)
-        except TypeError as exc:  # an extra that is not JSON
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # an extra or guess that is not JSON
             wire.send(chan.out, {"op": "error", "type": "AttackProcessError",
-                                 "message": f"the attack's extra numbers are not JSON: {exc}"})
+                                 "message": f"the attack's result is not JSON data: {exc}"})
         except BrokenPipeError:
             return 0
 

@@ -375,7 +375,12 @@ class RecordStore:
         if order:
             record["order"] = order
         path = self.path(cell)
-        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=float) + "\n")
+        text = json.dumps(record, indent=1, sort_keys=True, default=float) + "\n"
+        try:  # what the report will read back: a cell's result that fails the schema is never written
+            check_record(json.loads(text))
+        except (ValueError, RecursionError) as exc:
+            raise BenchError(f"{row_name(cell)}: result not written, it fails the record schema ({exc})") from None
+        atomic_write_text(path, text)
         return path
 
     def retire_superseded(self, cells: list[dict[str, Any]]) -> int:

@@ -225,14 +225,17 @@ class Workbench:
         model = None
         if head.get("model") is not None:
             model = isolation.rebuild(self.thief_factory(aseed)(), head["model"], got)
+            isolation.check_runs(model, self.splits.train_x[:2])
         try:
             fraction, epochs = (float(v) for v in head["budget"])
             extra, val_acc = head["extra"], head["val_acc"]
-            if not isinstance(extra, dict) or not (val_acc is None or isinstance(val_acc, (int, float))):
+            if (not isinstance(extra, dict) or not (val_acc is None or isinstance(val_acc, (int, float)))
+                    or not 0 <= fraction <= 1 or not 0 <= epochs < 1e9 or epochs != int(epochs)):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise isolation.AttackProcessError(
-                f"{attack.name} {param}: the attack process's result is malformed") from None
+                f"{attack.name} {param}: the attack process's result is malformed (budget, val_acc or "
+                "extra)") from None
         return Outcome(str(head.get("param", param)), model, (fraction, int(epochs)), extra=extra,
                        pruned=isolation.pruned_from(head.get("pruned"), got),
                        guess=isolation.guess_from(head.get("guess")), val_acc=val_acc)
@@ -268,7 +271,7 @@ class Workbench:
                 return {"op": "answer"}, {"y": wire.pack({"y": oracle(x.float())})}
         except QueryBudgetExceeded as exc:
             return error("QueryBudgetExceeded", str(exc))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             return error("ValueError", f"malformed {op} request: {exc}")
         return error("ValueError", f"unknown request {op!r}")
 
@@ -288,7 +291,8 @@ class Runner:
                  expect_key_id: str | None = None, isolate: bool = True):
         #: how to build this runner again in another process (never the key itself: workers load it themselves)
         self.spec = {"cfg": cfg, "out": str(out), "data_root": data_root, "download": download, "key_file": key_file,
-                     "key_format": key_format, "cache_dir": str(cache_dir) if cache_dir else None}
+                     "key_format": key_format, "cache_dir": str(cache_dir) if cache_dir else None,
+                     "isolate": isolate}
         self.cfg, self.out = cfg, Path(out)
         self.data_root, self.download, self.progress, self.do_profile = data_root, download, progress, profile
         root = Path(cache_dir) if cache_dir else data.cache_dir()
@@ -304,6 +308,8 @@ class Runner:
         #: set (:mod:`bench.isolation`); ``False`` runs them here (tests compare both; a debugger can step in)
         self.isolate = isolate
         self.attack_process = isolation.AttackProcess(threads=CELL_THREADS)
+        if isolate:
+            isolation.harden_harness()
         #: workbenches kept in memory (1 serially, where cells come in workbench order; more on a Dask worker,
         #: which gets cells of several trainings interleaved)
         self.bench_slots = 1
@@ -448,9 +454,11 @@ class Runner:
                               example=s.train_x[:1])
         mode = next((m for m in protector.modes if got["int8_auth_acc"].get(m) is not None), None)
         notes = "; ".join(f"{m}: {why}" for m, why in got["int8_notes"].items())
-        out = {"mode": mode or "", "float_stolen_acc": got["stolen_acc"], "int8_stolen_acc": got["int8_stolen_acc"],
+        out = {"mode": mode or "", "float_stolen_acc": got["stolen_acc"],
                "int8_auth_acc_by_mode": {m: v for m, v in got["int8_auth_acc"].items() if v is not None},
                "seconds": time.perf_counter() - t0, "note": notes}
+        if got["int8_stolen_acc"] is not None:
+            out["int8_stolen_acc"] = got["int8_stolen_acc"]
         if mode is not None:
             out.update(float_auth_acc=got["float_auth_acc"][mode], int8_auth_acc=got["int8_auth_acc"][mode],
                        int8_loss=got["float_auth_acc"][mode] - got["int8_auth_acc"][mode])
@@ -464,6 +472,8 @@ class Runner:
         if why:
             return {"applicable": False, "note": why, "declaration": declaration}
         oracle = wb.oracle(protector, artifact)
+        if self.isolate:
+            self.attack_process.ensure_started()  # its start-up is not this cell's time
         t0 = time.perf_counter()
         if self.isolate:
             o = wb.attack_isolated(self.attack_process, spec, protector, artifact, aspec, attack, param, aseed,
@@ -485,7 +495,10 @@ class Runner:
         except NotApplicable as exc:
             auth_after, note = None, f"secret not re-applicable: {str(exc).splitlines()[0][:120]}"
         if o.guess is not None:
-            extra.update(protector.compare_secret(artifact, self.key, o.guess))
+            try:
+                extra.update(protector.compare_secret(artifact, self.key, o.guess))
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                note = f"guess not comparable with the secret: {str(exc).splitlines()[0][:120]}"
         # What the attack derives from its own numbers once the clean accuracy is known (the attack never sees it).
         extra.update(attack.derived(extra, wb.clean_acc))
         fraction = float(o.budget[0])

@@ -34,11 +34,11 @@ class WireError(BenchError):
 
 
 def _plain(value: Any) -> Any:
-    """JSON for the numbers attacks produce besides Python's own (numpy and 0-d torch scalars)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
+    """JSON for the numbers attacks produce besides Python's own: a numpy or torch scalar as a float (what the
+    harness's record writer makes of it, so isolated and in-process records agree), an array as a list."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) == 0 and hasattr(value, "item"):
+        return float(value.item())
     if hasattr(value, "tolist") and callable(value.tolist):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON")
@@ -75,8 +75,8 @@ def recv(f: BinaryIO) -> tuple[dict[str, Any], dict[str, bytes]]:
         raise WireError(f"message header of {n} bytes (at most {MAX_HEADER})")
     try:
         header = json.loads(_read(f, n))
-    except ValueError as exc:
-        raise WireError(f"message header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"message header is not JSON: {str(exc)[:120] or 'nested too deeply'}") from None
     if not isinstance(header, dict):
         raise WireError("message header is not a JSON object")
     listed = header.pop("_blobs", [])

@@ -29,10 +29,12 @@ epochs = 1
 name = "edgepro"
 [[attacks]]
 name = "planted-search"
-key_prefix = "{key_prefix}"
+key_probe = "{key_probe}"
+key_offset = {key_offset}
 key_length = {key_length}
 key_digest = "{key_digest}"
-test_prefix = "{test_prefix}"
+test_probe = "{test_probe}"
+test_offset = {test_offset}
 test_length = {test_length}
 test_digest = "{test_digest}"
 """
@@ -50,10 +52,9 @@ def _test_image() -> bytes:
 
 
 def _run(tmp_path, isolate: bool, key: bytes, image: bytes):
-    fk, fi = planted_attack.fingerprint(key), planted_attack.fingerprint(image, prefix=16)
+    fk, fi = planted_attack.fingerprint(key), planted_attack.fingerprint(image, probe=16)
     p = tmp_path / "iso.toml"
-    p.write_text(CFG.format(key_prefix=fk["prefix"], key_length=fk["length"], key_digest=fk["digest"],
-                            test_prefix=fi["prefix"], test_length=fi["length"], test_digest=fi["digest"]))
+    p.write_text(CFG.format(**{f"{w}_{k}": v for w, f in (("key", fk), ("test", fi)) for k, v in f.items()}))
     out = tmp_path / f"out-{isolate}"
     runner = Runner(config.load(str(p)), out, key_file=str(tmp_path / "key.hex"), cache_dir=tmp_path / "cache",
                     progress=False, profile=False, isolate=isolate)
@@ -187,5 +188,61 @@ def test_attack_process_reports_errors_and_survives_a_dead_child():
         with pytest.raises(isolation.AttackProcessError, match="KeyError"):  # a fresh process the next time
             proc.run({"op": "attack"}, {}, lambda h, b: ({}, {}))
         assert proc.pid != pid
+    finally:
+        proc.close()
+
+
+def test_untrusted_results_are_one_clear_error():
+    import numpy as np
+
+    with pytest.raises(isolation.AttackProcessError, match="malformed"):
+        isolation.rebuild(_Tiny(), ["not", "a", "dict"], isolation.model_payload(_Tiny())[1])
+    bad = _Tiny()
+    bad.fc.bias = nn.Parameter(torch.zeros(5))  # a bias of another width than its weight: loads, does not run
+    head, blobs = isolation.model_payload(bad)
+    rebuilt = isolation.rebuild(_Tiny(), head, blobs)
+    with pytest.raises(isolation.AttackProcessError, match="does not run"):
+        isolation.check_runs(rebuilt, torch.zeros(2, 1, 8, 8))
+    with pytest.raises(isolation.AttackProcessError, match="not a secret kind"):
+        isolation.guess_from({"type": "protectors.core.kinds.nosuch:Password", "fields": {}})
+    # numpy numbers cross as the record writer stores them (a scalar as a float, an array as a list)
+    assert json.loads(wire.dumps({"a": np.int64(3), "b": np.arange(3), "c": torch.tensor(0.5)})) == \
+        {"a": 3.0, "b": [0, 1, 2], "c": 0.5}
+
+
+def test_a_result_that_fails_the_record_schema_is_never_written(tmp_path):
+    from bench.records import RecordStore
+    from protectors.core.errors import BenchError
+
+    store = RecordStore(tmp_path)
+    cell = {"kind": "attack", "dataset": "digits", "model": "lenet5", "seed": 0, "attack_seed": 0, "label": "x",
+            "attack_label": "finetune", "param": "f=0.1", "protector": {"name": "none", "params": {}}}
+    result = {"applicable": True, "stolen_acc_after": 0.5, "auth_acc_after": None, "scratch_acc": 0.4, "gain": 0.1,
+              "budget": [0.1, 3], "extra": {}, "note": "", "val_acc": float("nan")}
+    with pytest.raises(BenchError, match="fails the record schema"):
+        store.write(cell, result, seed=0)
+    assert not list((tmp_path / "records").glob("*.json")) if (tmp_path / "records").exists() else True
+
+
+def test_two_threads_share_one_attack_process_without_mixing_messages():
+    import threading
+
+    proc = isolation.AttackProcess()
+    errors = []
+
+    def one():
+        for _ in range(3):
+            try:
+                proc.run({"op": "attack"}, {}, lambda h, b: ({}, {}))
+            except isolation.AttackProcessError as exc:
+                errors.append("KeyError" in str(exc))
+
+    try:
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [True] * 6
     finally:
         proc.close()
