@@ -35,9 +35,9 @@ from .provenance import provenance
 
 #: the cell fields the tables and plots read, per kind of cell (each a string)
 CELL_FIELDS = {"effectiveness": ("dataset", "model", "label"),
-               "quantized": ("dataset", "model", "label"),
                "attack": ("dataset", "model", "label", "attack_label", "param"),
-               "profile": ("model", "protector", "mode", "target")}
+               "profile": ("model", "protector", "mode", "target"),
+               "quantized": ("dataset", "model", "label")}
 
 
 #: where :meth:`RecordStore.retire_superseded` moves records of settings the config no longer has (the report does

@@ -24,6 +24,9 @@ def scan_memory(needles: dict[str, tuple[bytes, int, int, str]]) -> dict[str, in
     stack, anonymous and writable file mappings) hold the ``length`` bytes it fingerprints (``probe``: the bytes
     at ``offset`` of them, found first)."""
     hits = dict.fromkeys(needles, 0)
+    needles = {k: v for k, v in needles.items() if v[0]}  # no probe given (the contract test's defaults): no search
+    if not needles:
+        return hits
     longest = max(length for _, _, length, _ in needles.values())
     with open("/proc/self/maps") as f:
         regions = f.read().splitlines()

@@ -203,6 +203,7 @@ def test_a_third_party_neuron_mask_protector_gets_the_guessing_attacks(plugins):
     # Through the runner, as a config would run it: applicable, its derived counts and its declaration recorded.
     runner = Runner.__new__(Runner)
     runner.key, runner.cfg = KEY, types.SimpleNamespace(thief=ThiefConfig())
+    runner.isolate = False  # a stand-in workbench: the attack runs here (tests/test_isolation.py runs it apart)
     test_x, test_y = torch.randn(10, 1, 28, 28), torch.arange(10)
     wb = types.SimpleNamespace(artifact=lambda spec: (protector, artifact), thief_factory=lambda seed: factory,
                                thief_context=lambda seed, oracle=None: thief, clean_acc=0.5,
