@@ -1,6 +1,6 @@
 """The reproduction check: does a new run reproduce a reference run's tables and verdicts?
 
-``python -m bench compare REF RUN`` builds the effectiveness, attacks and overhead tables and the leaderboard of both
+``python -m bench compare REF RUN`` builds the effectiveness, attacks, quantized and overhead tables and the leaderboard of both
 run directories from their records, matches rows by their key columns and compares them:
 
 - every accuracy column is compared through its *per-training values* (one per record: training seed, or training
@@ -47,6 +47,8 @@ SPECS = {
     "attacks": (tables.attacks, ["dataset", "model", "protector", "attack", "param"],
                 ["stolen_acc_after", "auth_acc_after", "scratch_acc"]),
     "overhead": (tables.overhead, ["model", "protector", "mode", "target"], []),
+    "quantized": (tables.quantized, ["dataset", "model", "protector"],
+                  ["float_auth_acc", "int8_auth_acc", "float_stolen_acc", "int8_stolen_acc"]),
 }
 #: compared as a ratio and only flagged, never failing
 LATENCY_COLUMNS = {"overhead": ["overhead"]}
@@ -56,7 +58,7 @@ COLUMNS = ["table", "key", "column", "ref", "new", "diff", "tol", "n_ref", "n_ne
 #: the verdict rows: the leaderboard's data to break per protector
 VERDICT = ("leaderboard", ["dataset", "model", "protector"], "data_to_break")
 #: the kind of record behind each compared table (its per-training values)
-KINDS = {"effectiveness": "effectiveness", "attacks": "attack"}
+KINDS = {"effectiveness": "effectiveness", "attacks": "attack", "quantized": "quantized"}
 STATUSES = ("ok", "DRIFT", "flag", "missing", "extra")
 #: float noise, so that a difference of exactly the tolerance counts as within it
 _EPS = 1e-9
