@@ -1,7 +1,7 @@
 """The reproduction check: does a new run reproduce a reference run's tables and verdicts?
 
-``python -m bench compare REF RUN`` builds the effectiveness, attacks, quantized and overhead tables and the leaderboard of both
-run directories from their records, matches rows by their key columns and compares them:
+``python -m bench compare REF RUN`` builds the effectiveness, attacks, quantized and overhead tables and the
+leaderboard of both run directories from their records, matches rows by their key columns and compares them:
 
 - every accuracy column is compared through its *per-training values* (one per record: training seed, or training
   seed × attack seed), not through the means alone: Welch's two-sample t-test (:func:`bench.stats.welch`, why Welch
