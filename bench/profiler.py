@@ -215,8 +215,8 @@ def child(job_path: str) -> None:
         except NotImplementedError as exc:
             results[v["id"]] = {"note": str(exc)}
             continue
-        except protectors.ConfigError as exc:  # e.g. fold mode on a model whose sites cannot be folded
-            results[v["id"]] = {"note": f"n/a: {exc}"}
+        except (NotApplicable, protectors.ConfigError) as exc:  # e.g. fold mode on a model with no foldable site
+            results[v["id"]] = {"note": str(exc) if str(exc).startswith("n/a") else f"n/a: {exc}"}
             continue
         cold = (time.perf_counter() - t0) * 1e3
         peak, rss1 = _rss_kb("VmHWM"), _rss_kb("VmRSS")

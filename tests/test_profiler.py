@@ -185,3 +185,32 @@ def test_bootstrap_interval_narrows_with_more_rounds():
     many = profiler.bootstrap_median_ci(1.05 + 0.05 * rng.standard_normal(5000))
     assert few[0] < 1.05 < few[1] and many[0] < 1.05 < many[1]
     assert many[1] - many[0] < (few[1] - few[0]) / 4
+
+
+@pytest.mark.slow
+def test_a_mode_that_does_not_apply_to_a_model_is_a_row_that_says_why(tmp_path):
+    """EdgePro's fold on ResNet-18 (no foldable producer at a residual stage): an n/a row, not a failed profile."""
+    from bench import config
+    from bench.runner import Runner
+
+    cfg_path = tmp_path / "p.toml"
+    cfg_path.write_text("""
+datasets = []
+[[protectors]]
+name = "edgepro"
+[profile]
+targets = ["torch-cpu-1t"]
+models = ["resnet18"]
+min_queries = 5
+min_seconds = 0.0
+max_seconds = 0.5
+warmup = 1
+throughput_batch = 2
+""")
+    runner = Runner(config.load(str(cfg_path)), tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    assert profiler.run_config(runner) == 3
+    recs = {r["cell"]["mode"]: r["result"] for r in (json.loads(p.read_text())
+                                                     for p in (tmp_path / "run" / "records").glob("*.json"))
+            if r["cell"]["protector"] == "edgepro"}
+    assert recs["fold"]["note"].startswith("n/a") and "no foldable producer" in recs["fold"]["note"]
+    assert recs["mask"]["overhead"] > 0
