@@ -26,7 +26,7 @@ def _wanted(rec):
         return ((c["attack_label"], c["param"]) == ("finetune", "f=0.1") and c["label"] in ("none", "aes")
                 or (c["label"], c["attack_label"]) == ("none", "guess-random")
                 or (c["label"], c["attack_label"], c["param"]) == ("edgepro", "finetune", "f=0.01"))
-    return c["target"] == "torch-cpu-1t" and c["protector"] in ("none", "aes", "edgepro")
+    return c["kind"] == "profile" and c["target"] == "torch-cpu-1t" and c["protector"] in ("none", "aes", "edgepro")
 
 
 @pytest.fixture(scope="module")
